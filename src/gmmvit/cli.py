@@ -1,0 +1,109 @@
+"""The `gmmvit` command: what the workflow's rules call. One subcommand per step."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _measure(args: argparse.Namespace) -> int:
+    from .complexity import measure
+    from .train import atomic_write_bytes
+
+    record = measure(args.model, args.mask, img_size=args.img_size, num_classes=args.num_classes)
+    text = json.dumps(record, indent=2) + "\n"
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(Path(args.out), text.encode())
+    print(text, end="")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .recipe import resolve_recipe
+    from .train import Cell, train_cell
+
+    overrides = json.loads(args.overrides) if args.overrides else None
+    recipe = resolve_recipe(args.recipe, args.recipes, overrides, args.set)
+    cell = Cell(args.dataset, args.model, args.mask, args.seed, args.recipe)
+    train_cell(cell, recipe, args.out, data_root=args.data_root, threads=args.threads)
+    return 0
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from .data import prepare_dataset
+
+    path = prepare_dataset(args.name, root=args.data_root, url=args.url)
+    print(f"{args.name} is ready in {path}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import main as report_main
+
+    return report_main(args.report_args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .masks import mask_names
+    from .models import model_names
+
+    parser = argparse.ArgumentParser(prog="gmmvit", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("measure", help="parameters, MACs (fvcore and paper convention), depth as JSON")
+    p.add_argument("--model", required=True, choices=model_names())
+    p.add_argument("--mask", default="none", choices=mask_names())
+    p.add_argument("--img-size", type=int, default=32)
+    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--out", help="also write the JSON to this file")
+    p.set_defaults(func=_measure)
+
+    p = sub.add_parser("train", help="train one (dataset, model, mask, seed, recipe) cell")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--model", required=True, choices=model_names())
+    p.add_argument("--mask", default="none", choices=mask_names())
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--recipe", default="demo", help="built-in (paper, demo, smoke) or a name in --recipes")
+    p.add_argument("--recipes", help="YAML file of named recipes: name: {base: <built-in>, key: value}")
+    p.add_argument("--overrides", help="JSON object of recipe keys")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one recipe key")
+    p.add_argument("--out", required=True, help="the cell's output directory")
+    p.add_argument("--data-root", default="data")
+    p.add_argument("--threads", type=int, help="CPU threads (default: from the environment)")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("prepare", help="download, unpack and verify a dataset under the data root")
+    p.add_argument("name")
+    p.add_argument("--data-root", default="data")
+    p.add_argument("--url", help="download from here instead of the official address")
+    p.set_defaults(func=_prepare)
+
+    p = sub.add_parser("report", help="aggregate the cells into results/table.md and plots",
+                       add_help=False)
+    p.add_argument("report_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - users get one clear line, not a traceback
+        from .data import DatasetError
+        from .train import TrainingDiverged
+
+        if isinstance(err, (ValueError, TypeError, DatasetError, TrainingDiverged, FileNotFoundError)):
+            print(f"gmmvit {args.command}: error: {err}", file=sys.stderr)
+            return 2 if not isinstance(err, TrainingDiverged) else 3
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

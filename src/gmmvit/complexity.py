@@ -1,0 +1,97 @@
+"""Parameters and MACs of a model: fvcore over all operators, and the paper's module-hook convention."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from fvcore.nn import FlopCountAnalysis
+from torch import nn
+
+from .masks import LocalityMask
+from .models import build_model
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def count_mask_parameters(model: nn.Module) -> int:
+    return sum(
+        p.numel() for m in model.modules() if isinstance(m, LocalityMask) for p in m.parameters()
+    )
+
+
+def _sdpa_macs(inputs, outputs) -> int:
+    # fvcore has no handle for this operator and would silently count it as 0.
+    # q (..., L, E) k (..., S, E) v (..., S, Ev): q k^T is L*S*E MACs, attn v is L*S*Ev.
+    q, k, v = (inp.type().sizes() for inp in inputs[:3])
+    batch = math.prod(q[:-2])
+    return batch * q[-2] * k[-2] * (q[-1] + v[-1])
+
+
+def macs_all_operators(model: nn.Module, img_size: int) -> int:
+    """MACs of one image through every operator fvcore knows, attention products included."""
+    x = torch.zeros(1, 3, img_size, img_size)
+    analysis = FlopCountAnalysis(model, x)
+    analysis.set_op_handle("aten::scaled_dot_product_attention", _sdpa_macs)
+    analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+    return int(analysis.total())
+
+
+def macs_paper_convention(model: nn.Module, img_size: int) -> int:
+    """MACs as the paper counts them (ptflops-style module hooks, one image):
+
+    Linear: in * out per token, + out once for the bias; Conv: per output position, bias included;
+    LayerNorm: 2 per element. Attention products, softmax, activations and the mask's own
+    operations are not counted, which is why masked and unmasked models show the same figure.
+    """
+    total = 0
+
+    def linear_hook(module: nn.Linear, inputs, output) -> None:
+        nonlocal total
+        tokens = inputs[0].numel() // module.in_features
+        total += tokens * module.in_features * module.out_features
+        total += module.out_features if module.bias is not None else 0
+
+    def conv_hook(module: nn.Conv2d | nn.Conv1d, inputs, output) -> None:
+        nonlocal total
+        positions = output.numel() // module.out_channels
+        kernel = math.prod(module.kernel_size) * module.in_channels // module.groups
+        total += positions * module.out_channels * (kernel + (module.bias is not None))
+
+    def norm_hook(module: nn.LayerNorm, inputs, output) -> None:
+        nonlocal total
+        total += inputs[0].numel() * (2 if module.elementwise_affine else 1)
+
+    hooks = []
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            hooks.append(module.register_forward_hook(linear_hook))
+        elif isinstance(module, (nn.Conv1d, nn.Conv2d)):
+            hooks.append(module.register_forward_hook(conv_hook))
+        elif isinstance(module, nn.LayerNorm):
+            hooks.append(module.register_forward_hook(norm_hook))
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, img_size, img_size))
+    finally:
+        for h in hooks:
+            h.remove()
+    return total
+
+
+def measure(model: str, mask: str = "none", img_size: int = 32, num_classes: int = 10, **kwargs) -> dict:
+    """One flat record: trainable parameters, MACs both ways, depth as the paper counts it."""
+    net = build_model(model, mask=mask, img_size=img_size, num_classes=num_classes, **kwargs).eval()
+    return {
+        "model": model,
+        "mask": mask,
+        "img_size": img_size,
+        "num_classes": num_classes,
+        "params": count_parameters(net),
+        "mask_params": count_mask_parameters(net),
+        "macs_all": macs_all_operators(net, img_size),
+        "macs_paper": macs_paper_convention(net, img_size),
+        "depth": net.paper_depth,
+    }

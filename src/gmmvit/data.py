@@ -1,0 +1,779 @@
+"""Dataset registry: every dataset is loaded whole into memory as uint8 tensors.
+
+``digits`` (scikit-learn's bundled handwritten digits) needs no files and is the offline default.
+``cifar10``, ``cifar100``, ``svhn`` and ``tinyimagenet`` use torchvision's on-disk layouts under a
+data root and are fetched by :func:`prepare_dataset`; ``folder`` reads any ``train/`` + ``val/``
+(or ``test/``) tree of class folders.
+
+Preparation is atomic: download, unpack and verification happen in ``root/.prepare-<name>-XXXX``,
+the result is renamed into place and the marker ``<final folder>/.gmmvit-prepared.json`` is written
+last, so the marker's presence means "complete and verified". The workflow can use
+:func:`marker_path` as a rule output.
+
+Adding a dataset = one :class:`DatasetSpec` subclass instance in :data:`DATASETS`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import pickle
+import shutil
+import sys
+import tarfile
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import zipfile
+import zlib
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+try:  # POSIX only; without it concurrent prepares of one dataset are simply not serialised
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = [
+    "ImageDataset",
+    "DatasetSpec",
+    "DatasetError",
+    "DATASETS",
+    "MARKER_NAME",
+    "TINYIMAGENET_EXPECTED",
+    "dataset_names",
+    "load_dataset",
+    "prepare_dataset",
+    "needs_download",
+    "is_prepared",
+    "marker_path",
+]
+
+MARKER_NAME = ".gmmvit-prepared.json"
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+# Read at verification time (not copied into the spec) so tests can monkeypatch it.
+TINYIMAGENET_EXPECTED: dict[str, int] = {"classes": 200, "train": 100_000, "val": 10_000}
+
+_CHUNK = 1 << 20
+_MANY_FILES = 500  # below this, decoding is too quick for a progress bar to help
+
+
+class DatasetError(RuntimeError):
+    """A user-facing data problem: missing files, failed download, bad folder layout."""
+
+
+@dataclass(frozen=True)
+class ImageDataset:
+    """A whole dataset in memory; images are uint8 (N, 3, H, W) with H == W."""
+
+    name: str
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    num_classes: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    autoaugment: str | None
+    classes: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        # Catch a broken loader here rather than as a shape error deep inside training.
+        for split in ("train", "test"):
+            images: torch.Tensor = getattr(self, f"{split}_images")
+            labels: torch.Tensor = getattr(self, f"{split}_labels")
+            if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+                raise ValueError(f"{self.name}: {split} images must be uint8 (N, 3, H, W), got "
+                                 f"{images.dtype} {tuple(images.shape)}")
+            if images.shape[2] != images.shape[3]:
+                raise ValueError(f"{self.name}: {split} images are not square: {tuple(images.shape)}")
+            if labels.dtype != torch.int64 or labels.shape != (images.shape[0],):
+                raise ValueError(f"{self.name}: {split} labels must be int64 ({images.shape[0]},), "
+                                 f"got {labels.dtype} {tuple(labels.shape)}")
+        if self.train_images.shape[2:] != self.test_images.shape[2:]:
+            raise ValueError(f"{self.name}: train and test image sizes differ")
+        if len(self.classes) != self.num_classes:
+            raise ValueError(f"{self.name}: {len(self.classes)} class names for {self.num_classes} classes")
+
+    @property
+    def img_size(self) -> int:
+        return int(self.train_images.shape[-1])
+
+
+# --------------------------------------------------------------------------------------------
+# Registry
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """How to load (and, for downloadable datasets, prepare) one dataset."""
+
+    name: str
+    mean: tuple[float, float, float] | None  # None: computed from the training images
+    std: tuple[float, float, float] | None
+    autoaugment: str | None
+    url: str | None = None  # official source; None means nothing to download
+    folder: str | None = None  # final folder under the data root
+    # Name of the evaluation split in the count dict (Tiny-ImageNet calls it "val").
+    eval_split: ClassVar[str] = "test"
+
+    @property
+    def needs_download(self) -> bool:
+        return self.url is not None
+
+    def load(self, root: Path, **options: Any) -> ImageDataset:
+        raise NotImplementedError
+
+    # The hooks below are only used for downloadable datasets.
+
+    def fetch(self, tmp: Path, source: str, official: bool, progress: bool) -> Path:
+        """Download and unpack into ``tmp``; return the folder that becomes ``root/self.folder``."""
+        raise NotImplementedError
+
+    def verify(self, folder: Path, origin: str) -> dict[str, int]:
+        """Check a staged folder and return its counts ({"classes", "train", eval_split})."""
+        raise NotImplementedError
+
+    def expected_counts(self) -> Mapping[str, int]:
+        return {}
+
+    def expected_files(self) -> tuple[str, ...]:
+        return ()
+
+    def download_urls(self) -> tuple[str, ...]:
+        return (self.url,) if self.url else ()
+
+    def missing_error(self, root: Path, detail: str = "") -> DatasetError:
+        assert self.folder is not None and self.url is not None
+        where = root / self.folder
+        files = ", ".join(self.expected_files())
+        return DatasetError(
+            f"{self.name}: dataset not found in {where}"
+            + (f" ({detail})" if detail else "")
+            + f".\n  Expected there: {files}"
+            + f"\n  Prepare it with: gmmvit prepare {self.name} --data-root {root}"
+            + f"\n  It downloads {' and '.join(self.download_urls())}"
+            + f" (set GMMVIT_{self.name.upper()}_URL to use a mirror)."
+        )
+
+
+def _spec(name: str) -> DatasetSpec:
+    try:
+        return DATASETS[name]
+    except KeyError:
+        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}") from None
+
+
+def dataset_names() -> list[str]:
+    """Registered names, in registry order (the offline default ``digits`` first)."""
+    return list(DATASETS)
+
+
+def needs_download(name: str) -> bool:
+    return _spec(name).needs_download
+
+
+def marker_path(name: str, root: str | Path = "data") -> Path | None:
+    """Where the "prepared" marker of a downloadable dataset lives; None if it needs no download."""
+    spec = _spec(name)
+    if spec.folder is None:
+        return None
+    return Path(root) / spec.folder / MARKER_NAME
+
+
+def is_prepared(name: str, root: str | Path = "data") -> bool:
+    spec = _spec(name)
+    marker = marker_path(name, root)
+    if marker is not None:
+        return marker.is_file()
+    if isinstance(spec, FolderSpec):
+        try:
+            spec.validate(Path(root))
+        except DatasetError:
+            return False
+    return True
+
+
+def load_dataset(name: str, root: str | Path = "data", **options: Any) -> ImageDataset:
+    """Load a registered dataset whole; ``options`` are dataset-specific (``folder``: path, img_size)."""
+    return _spec(name).load(Path(root), **options)
+
+
+def prepare_dataset(
+    name: str,
+    root: str | Path = "data",
+    url: str | None = None,
+    progress: bool = True,
+    *,
+    expected: Mapping[str, int] | None = None,
+) -> Path:
+    """Make ``name`` loadable from ``root`` and return its folder.
+
+    Source: ``url`` if given, else ``$GMMVIT_<NAME>_URL``, else the official URL (the only case in
+    which md5 sums are checked). ``url`` may also be a local path. For ``svhn`` it is a base URL to
+    which the file names are appended. ``expected`` overrides the verified counts
+    (keys ``classes``, ``train`` and ``val``/``test``).
+    """
+    spec = _spec(name)
+    root = Path(root)
+    if spec.folder is None:
+        if isinstance(spec, FolderSpec):
+            spec.validate(root)
+        return root
+    wanted = dict(spec.expected_counts())
+    if expected:
+        unknown = set(expected) - {"classes", "train", spec.eval_split}
+        if unknown:
+            raise ValueError(f"{name}: unknown expected count(s) {sorted(unknown)}; "
+                             f"use classes, train, {spec.eval_split}")
+        wanted.update(expected)
+
+    final = root / spec.folder
+    marker = final / MARKER_NAME
+    root.mkdir(parents=True, exist_ok=True)
+    with _exclusive(root / f".prepare-{name}.lock"):
+        if marker.is_file():
+            return final
+        if final.exists():
+            # E.g. data fetched earlier by torchvision, or a crash between rename and marker:
+            # adopt it if it verifies, but never delete what may be the user's own files.
+            try:
+                counts = spec.verify(final, f"existing folder {final}")
+                _check_counts(spec, counts, wanted, f"existing folder {final}")
+            except DatasetError as err:
+                raise DatasetError(f"{err}\n  {final} exists but is not a complete {name} dataset; "
+                                   "remove it and prepare again.") from None
+            _write_marker(final, name, counts, source=str(final), md5_checked=False)
+            return final
+
+        for stale in root.glob(f".prepare-{name}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        source, official = _source(spec, url)
+        tmp = Path(tempfile.mkdtemp(prefix=f".prepare-{name}-", dir=root))
+        try:
+            staged = spec.fetch(tmp, source, official, progress)
+            counts = spec.verify(staged, source)
+            _check_counts(spec, counts, wanted, source)
+            os.replace(staged, final)
+            _write_marker(final, name, counts, source=source, md5_checked=official)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+# --------------------------------------------------------------------------------------------
+# Preparation helpers
+
+
+@contextmanager
+def _exclusive(lock_file: Path) -> Iterator[None]:
+    # Holding the lock is what makes any leftover .prepare-<name>-* directory provably stale.
+    with open(lock_file, "a") as handle:
+        if fcntl is not None:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def _source(spec: DatasetSpec, url: str | None) -> tuple[str, bool]:
+    override = url or os.environ.get(f"GMMVIT_{spec.name.upper()}_URL") or None
+    if override is None:
+        assert spec.url is not None
+        return spec.url, True
+    if "://" not in override:  # a local file or folder, e.g. on an offline cluster
+        override = Path(override).expanduser().resolve().as_uri()
+    return override, False
+
+
+def _join_url(base: str, file: str) -> str:
+    return base.rstrip("/") + "/" + file
+
+
+def _check_counts(spec: DatasetSpec, found: Mapping[str, int], wanted: Mapping[str, int],
+                  origin: str) -> None:
+    wrong = {k: (v, found.get(k)) for k, v in wanted.items() if found.get(k) != v}
+    if wrong:
+        detail = "; ".join(f"{k}: expected {v}, found {f}" for k, (v, f) in wrong.items())
+        raise DatasetError(f"{spec.name}: unexpected counts in data from {origin}: {detail}")
+
+
+def _write_marker(final: Path, name: str, counts: Mapping[str, int], source: str,
+                  md5_checked: bool) -> None:
+    info = {"dataset": name, "counts": dict(counts), "source": source,
+            "md5_checked": md5_checked, "prepared_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    tmp = final / (MARKER_NAME + ".tmp")
+    tmp.write_text(json.dumps(info, indent=2) + "\n")
+    os.replace(tmp, final / MARKER_NAME)
+
+
+def _download(url: str, dest: Path, progress: bool, md5: str | None = None) -> None:
+    digest = hashlib.md5(usedforsecurity=False)
+    written = 0
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(dest, "wb") as out:
+            length = response.headers.get("Content-Length")
+            total = int(length) if length and length.isdigit() else None
+            with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
+                      desc=dest.name, disable=not progress, leave=False) as bar:
+                while chunk := response.read(_CHUNK):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    written += len(chunk)
+                    bar.update(len(chunk))
+    except urllib.error.HTTPError as err:
+        raise DatasetError(f"download of {url} failed: HTTP {err.code} {err.reason}") from None
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as err:
+        reason = getattr(err, "reason", err)
+        raise DatasetError(f"download of {url} failed: {reason}") from None
+    if total is not None and written != total:
+        raise DatasetError(f"download of {url} is truncated: received {written} of {total} bytes "
+                           "(Content-Length)")
+    if md5 is not None and digest.hexdigest() != md5:
+        raise DatasetError(f"download of {url} is corrupt: md5 {digest.hexdigest()}, expected {md5}")
+
+
+def _unpack(archive: Path, dest: Path, url: str) -> None:
+    try:
+        if zipfile.is_zipfile(archive):
+            with zipfile.ZipFile(archive) as zf:
+                zf.extractall(dest)  # ZipFile sanitises absolute and ".." member names itself
+        else:
+            with tarfile.open(archive) as tf:
+                if hasattr(tarfile, "data_filter"):
+                    tf.extractall(dest, filter="data")
+                else:  # pragma: no cover - Python < 3.11.4
+                    for member in tf.getmembers():
+                        if member.name.startswith("/") or ".." in Path(member.name).parts:
+                            raise tarfile.TarError(f"unsafe member {member.name}")
+                    tf.extractall(dest)
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, OSError) as err:
+        raise DatasetError(f"archive downloaded from {url} is corrupt: {err}") from None
+
+
+def _top_folder(extracted: Path, folder: str, url: str) -> Path:
+    candidate = extracted / folder
+    if candidate.is_dir():
+        return candidate
+    found = sorted(p.name for p in extracted.iterdir())
+    raise DatasetError(f"archive downloaded from {url} has no {folder}/ folder (it contains: "
+                       f"{', '.join(found) or 'nothing'})")
+
+
+# --------------------------------------------------------------------------------------------
+# Image helpers
+
+
+def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    # Chunked float64 sums: a float copy of a large dataset would not fit in memory.
+    total = torch.zeros(3, dtype=torch.float64)
+    squares = torch.zeros(3, dtype=torch.float64)
+    for chunk in images.split(4096):
+        x = chunk.to(torch.float64) / 255.0
+        total += x.sum(dim=(0, 2, 3))
+        squares += (x * x).sum(dim=(0, 2, 3))
+    count = images.shape[0] * images.shape[2] * images.shape[3]
+    mean = total / count
+    std = (squares / count - mean * mean).clamp_min(0).sqrt()
+    return tuple(mean.tolist()), tuple(std.tolist())  # type: ignore[return-value]
+
+
+def _decode_one(path: Path, size: int) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            rgb = image.convert("RGB")  # grayscale, palette and RGBA files all become RGB
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise DatasetError(f"cannot decode image {path}: {err}") from None
+    if rgb.size != (size, size):
+        rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(rgb, dtype=np.uint8)
+
+
+def _decode_images(paths: Sequence[Path], size: int, desc: str, progress: bool) -> torch.Tensor:
+    out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
+    # PIL releases the GIL while decoding, so threads give a real speed-up.
+    workers = min(4, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool, tqdm(
+        total=len(paths), desc=desc, unit="img", file=sys.stderr,
+        disable=not progress or len(paths) < _MANY_FILES, leave=False,
+    ) as bar:
+        for i, array in enumerate(pool.map(lambda p: _decode_one(p, size), paths, chunksize=64)):
+            out[i] = array
+            bar.update()
+    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+
+
+def _scan_split(split_dir: Path) -> dict[str, list[Path]]:
+    """Class name -> sorted image files (searched recursively, like torchvision's ImageFolder)."""
+    classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return {
+        c: sorted(p for p in (split_dir / c).rglob("*")
+                  if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        for c in classes
+    }
+
+
+def _scan_tree(train_dir: Path, eval_dir: Path) -> tuple[dict[str, list[Path]], dict[str, list[Path]]]:
+    train, evaluation = _scan_split(train_dir), _scan_split(eval_dir)
+    if not train:
+        raise DatasetError(f"{train_dir} has no class folders (expected one subfolder per class)")
+    if set(train) != set(evaluation):
+        only_train = sorted(set(train) - set(evaluation))
+        only_eval = sorted(set(evaluation) - set(train))
+        raise DatasetError(
+            f"class folders differ between {train_dir} and {eval_dir}: "
+            f"only in {train_dir.name}/: {_preview(only_train)}; "
+            f"only in {eval_dir.name}/: {_preview(only_eval)}")
+    empty = [c for c, files in train.items() if not files]
+    if empty:
+        raise DatasetError(f"no images in training class folder(s) {_preview(empty)} under {train_dir} "
+                           f"(looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    if not any(evaluation.values()):
+        raise DatasetError(f"no images under {eval_dir}")
+    return train, evaluation
+
+
+def _preview(names: Sequence[str], limit: int = 5) -> str:
+    if not names:
+        return "none"
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _load_tree(name: str, classes: Sequence[str], split: dict[str, list[Path]], size: int,
+               desc: str, progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    paths = [p for c in classes for p in split[c]]
+    labels = torch.tensor([i for i, c in enumerate(classes) for _ in split[c]], dtype=torch.int64)
+    return _decode_images(paths, size, f"{name} {desc}", progress), labels
+
+
+# --------------------------------------------------------------------------------------------
+# Datasets
+
+
+@dataclass(frozen=True)
+class DigitsSpec(DatasetSpec):
+    """scikit-learn's bundled 8x8 handwritten digits, upscaled to 32x32 RGB; a fixed split."""
+
+    img_size: int = 32
+    test_size: int = 360
+
+    def load(self, root: Path, **options: Any) -> ImageDataset:
+        _no_options(self.name, options)
+        import torch.nn.functional as F
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+
+        bunch = load_digits()
+        pixels = torch.from_numpy(bunch.images).to(torch.float32).unsqueeze(1) * (255.0 / 16.0)
+        pixels = F.interpolate(pixels, size=(self.img_size, self.img_size), mode="bilinear",
+                               align_corners=False)
+        images = pixels.round().clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
+        labels = torch.from_numpy(bunch.target).to(torch.int64)
+        train_idx, test_idx = train_test_split(np.arange(len(labels)), test_size=self.test_size,
+                                               random_state=0, stratify=bunch.target)
+        # Original order within each split, so the split is a fixed set in a fixed order.
+        train_idx, test_idx = torch.from_numpy(np.sort(train_idx)), torch.from_numpy(np.sort(test_idx))
+        train_images = images[train_idx].contiguous()
+        mean, std = _channel_stats(train_images)
+        return ImageDataset(self.name, train_images, labels[train_idx], images[test_idx].contiguous(),
+                            labels[test_idx], 10, mean, std, self.autoaugment,
+                            tuple(str(d) for d in range(10)))
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    # The CIFAR pickles only need numpy's array reconstruction; refusing everything else means
+    # a file from a mirror cannot run code.
+    _ALLOWED = {
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+        ("builtins", "bytearray"), ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"disallowed global {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _read_pickle(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as handle:
+            raw = _RestrictedUnpickler(handle, encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, OSError) as err:
+        raise DatasetError(f"cannot read {path}: {err}") from None
+    if not isinstance(raw, dict):
+        raise DatasetError(f"{path} is not a CIFAR batch (unpickled a {type(raw).__name__})")
+    # Python 2 pickles read with latin1 give str keys; ones written by Python 3 may have bytes keys.
+    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in raw.items()}
+
+
+@dataclass(frozen=True)
+class CifarSpec(DatasetSpec):
+    num_classes: int = 10
+    train_files: tuple[str, ...] = ()
+    test_file: str = ""
+    meta_file: str = ""
+    label_key: str = ""
+    names_key: str = ""
+    md5: str | None = None
+
+    def expected_files(self) -> tuple[str, ...]:
+        return (*self.train_files, self.test_file, self.meta_file)
+
+    def _read(self, folder: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                            tuple[str, ...]]:
+        def split(files: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+            images, labels = [], []
+            for file in files:
+                batch = _read_pickle(folder / file)
+                try:
+                    data = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+                    label = np.asarray(batch[self.label_key], dtype=np.int64).reshape(-1)
+                except (KeyError, ValueError) as err:
+                    raise DatasetError(f"{folder / file} is not a {self.name} batch: {err}") from None
+                if len(data) != len(label):
+                    raise DatasetError(f"{folder / file}: {len(data)} images but {len(label)} labels")
+                images.append(data)
+                labels.append(label)
+            # CIFAR rows are channel-major (1024 R, 1024 G, 1024 B), so a reshape is already NCHW.
+            return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
+
+        train_x, train_y = split(self.train_files)
+        test_x, test_y = split([self.test_file])
+        names = tuple(str(n) for n in _read_pickle(folder / self.meta_file).get(self.names_key, ()))
+        if len(names) != self.num_classes:
+            raise DatasetError(f"{folder / self.meta_file}: expected {self.num_classes} class names "
+                               f"under {self.names_key!r}, found {len(names)}")
+        for labels in (train_y, test_y):
+            if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < self.num_classes:
+                raise DatasetError(f"{folder}: labels outside 0..{self.num_classes - 1}")
+        return train_x, train_y, test_x, test_y, names
+
+    def load(self, root: Path, **options: Any) -> ImageDataset:
+        _no_options(self.name, options)
+        assert self.folder is not None
+        missing = [f for f in self.expected_files() if not (root / self.folder / f).is_file()]
+        if missing:
+            raise self.missing_error(root, f"missing: {', '.join(missing)}")
+        train_x, train_y, test_x, test_y, names = self._read(root / self.folder)
+        assert self.mean is not None and self.std is not None
+        return ImageDataset(self.name, train_x, train_y, test_x, test_y, self.num_classes,
+                            self.mean, self.std, self.autoaugment, names)
+
+    def fetch(self, tmp: Path, source: str, official: bool, progress: bool) -> Path:
+        assert self.folder is not None
+        archive = tmp / Path(urllib.parse.urlparse(source).path).name
+        _download(source, archive, progress, self.md5 if official else None)
+        _unpack(archive, tmp / "unpacked", source)
+        archive.unlink()
+        return _top_folder(tmp / "unpacked", self.folder, source)
+
+    def verify(self, folder: Path, origin: str) -> dict[str, int]:
+        missing = [f for f in self.expected_files() if not (folder / f).is_file()]
+        if missing:
+            raise DatasetError(f"{self.name}: data from {origin} lacks {', '.join(missing)} in {folder.name}/")
+        train_x, _, test_x, _, names = self._read(folder)
+        return {"classes": len(names), "train": len(train_x), "test": len(test_x)}
+
+
+@dataclass(frozen=True)
+class SvhnSpec(DatasetSpec):
+    files: tuple[str, str] = ("train_32x32.mat", "test_32x32.mat")
+    md5: tuple[str, str] = ("", "")
+
+    def expected_files(self) -> tuple[str, ...]:
+        return self.files
+
+    def download_urls(self) -> tuple[str, ...]:
+        return tuple(_join_url(self.url or "", f) for f in self.files)
+
+    def _read(self, path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+        import scipy.io
+
+        try:
+            mat = scipy.io.loadmat(path, variable_names=("X", "y"))
+            x, y = mat["X"], mat["y"]
+        except Exception as err:  # scipy raises many types (ValueError, MatReadError, ...) for bad files
+            raise DatasetError(f"cannot read {path}: {type(err).__name__}: {err}") from None
+        if x.ndim != 4 or x.shape[:3] != (32, 32, 3) or y.size != x.shape[3]:
+            raise DatasetError(f"{path}: expected X (32, 32, 3, N) and y (N, 1), got "
+                               f"{x.shape} and {y.shape}")
+        labels = torch.from_numpy(y.reshape(-1).astype(np.int64))
+        labels[labels == 10] = 0  # SVHN stores the digit 0 as class 10
+        if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) <= 9:
+            raise DatasetError(f"{path}: labels outside 0..10")
+        images = torch.from_numpy(np.ascontiguousarray(x.transpose(3, 2, 0, 1), dtype=np.uint8))
+        return images, labels
+
+    def load(self, root: Path, **options: Any) -> ImageDataset:
+        _no_options(self.name, options)
+        assert self.folder is not None and self.mean is not None and self.std is not None
+        folder = root / self.folder
+        missing = [f for f in self.files if not (folder / f).is_file()]
+        if missing:
+            raise self.missing_error(root, f"missing: {', '.join(missing)}")
+        train_x, train_y = self._read(folder / self.files[0])
+        test_x, test_y = self._read(folder / self.files[1])
+        return ImageDataset(self.name, train_x, train_y, test_x, test_y, 10, self.mean, self.std,
+                            self.autoaugment, tuple(str(d) for d in range(10)))
+
+    def fetch(self, tmp: Path, source: str, official: bool, progress: bool) -> Path:
+        assert self.folder is not None
+        staged = tmp / self.folder
+        staged.mkdir()
+        for file, md5 in zip(self.files, self.md5):
+            _download(_join_url(source, file), staged / file, progress, md5 if official else None)
+        return staged
+
+    def verify(self, folder: Path, origin: str) -> dict[str, int]:
+        train_x, _ = self._read(folder / self.files[0])
+        test_x, _ = self._read(folder / self.files[1])
+        return {"classes": 10, "train": len(train_x), "test": len(test_x)}
+
+
+@dataclass(frozen=True)
+class TinyImageNetSpec(DatasetSpec):
+    img_size: int = 64
+    eval_split: ClassVar[str] = "val"
+
+    def expected_counts(self) -> Mapping[str, int]:
+        return TINYIMAGENET_EXPECTED
+
+    def expected_files(self) -> tuple[str, ...]:
+        return ("train/<wnid>/images/*.JPEG", "val/<wnid>/*.JPEG")
+
+    def load(self, root: Path, *, progress: bool = True) -> ImageDataset:
+        assert self.folder is not None and self.mean is not None and self.std is not None
+        folder = root / self.folder
+        if not (folder / "train").is_dir() or not (folder / "val").is_dir():
+            raise self.missing_error(root)
+        if (folder / "val" / "images").is_dir():
+            raise self.missing_error(root, "val/images/ is not yet sorted into class folders")
+        train, val = _scan_tree(folder / "train", folder / "val")
+        classes = tuple(train)
+        train_x, train_y = _load_tree(self.name, classes, train, self.img_size, "train", progress)
+        test_x, test_y = _load_tree(self.name, classes, val, self.img_size, "val", progress)
+        return ImageDataset(self.name, train_x, train_y, test_x, test_y, len(classes), self.mean,
+                            self.std, self.autoaugment, classes)
+
+    def fetch(self, tmp: Path, source: str, official: bool, progress: bool) -> Path:
+        assert self.folder is not None
+        archive = tmp / "download.zip"
+        _download(source, archive, progress)  # no published md5 for this archive
+        _unpack(archive, tmp / "unpacked", source)
+        archive.unlink()
+        staged = _top_folder(tmp / "unpacked", self.folder, source)
+        self._sort_val(staged / "val", source)
+        return staged
+
+    @staticmethod
+    def _sort_val(val: Path, origin: str) -> None:
+        annotations = val / "val_annotations.txt"
+        if not annotations.is_file():
+            raise DatasetError(f"tinyimagenet: data from {origin} lacks val/val_annotations.txt")
+        for line_no, line in enumerate(annotations.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            fields = line.split("\t")
+            if len(fields) < 2:
+                raise DatasetError(f"{annotations}:{line_no}: expected 'filename<TAB>wnid...', got {line!r}")
+            file, wnid = fields[0].strip(), fields[1].strip()
+            image = val / "images" / file
+            if not image.is_file():
+                raise DatasetError(f"{annotations}:{line_no}: {file} is not in val/images/")
+            (val / wnid).mkdir(exist_ok=True)
+            os.replace(image, val / wnid / file)
+        shutil.rmtree(val / "images", ignore_errors=True)
+
+    def verify(self, folder: Path, origin: str) -> dict[str, int]:
+        for sub in ("train", "val"):
+            if not (folder / sub).is_dir():
+                raise DatasetError(f"tinyimagenet: data from {origin} has no {sub}/ folder")
+        if (folder / "val" / "images").is_dir():
+            raise DatasetError(f"tinyimagenet: {folder / 'val' / 'images'} is not sorted into class folders")
+        train, val = _scan_tree(folder / "train", folder / "val")
+        return {"classes": len(train), "train": sum(map(len, train.values())),
+                "val": sum(map(len, val.values()))}
+
+
+@dataclass(frozen=True)
+class FolderSpec(DatasetSpec):
+    """Any ``train/`` + ``val/`` (or ``test/``) tree with one subfolder per class."""
+
+    def validate(self, path: Path) -> tuple[dict[str, list[Path]], dict[str, list[Path]]]:
+        if not path.is_dir():
+            raise DatasetError(f"folder dataset: {path} is not a directory")
+        train_dir = path / "train"
+        eval_dir = next((path / s for s in ("val", "test") if (path / s).is_dir()), None)
+        if not train_dir.is_dir() or eval_dir is None:
+            missing = [s for s, ok in (("train/", train_dir.is_dir()), ("val/ or test/", eval_dir is not None))
+                       if not ok]
+            raise DatasetError(f"folder dataset: {path} has no {' and no '.join(missing)}; expected "
+                               "train/<class>/<images> and val/<class>/<images> (or test/)")
+        return _scan_tree(train_dir, eval_dir)
+
+    def load(self, root: Path, *, path: str | Path | None = None, img_size: int = 32,
+             progress: bool = True) -> ImageDataset:
+        if img_size < 1:
+            raise ValueError(f"img_size must be positive, got {img_size}")
+        train, evaluation = self.validate(Path(path) if path is not None else root)
+        classes = tuple(train)
+        train_x, train_y = _load_tree(self.name, classes, train, img_size, "train", progress)
+        test_x, test_y = _load_tree(self.name, classes, evaluation, img_size, "test", progress)
+        mean, std = _channel_stats(train_x)
+        return ImageDataset(self.name, train_x, train_y, test_x, test_y, len(classes), mean, std,
+                            self.autoaugment, classes)
+
+
+def _no_options(name: str, options: Mapping[str, Any]) -> None:
+    if options:
+        raise TypeError(f"dataset {name!r} takes no options, got {', '.join(sorted(options))}")
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    spec.name: spec
+    for spec in (
+        DigitsSpec("digits", mean=None, std=None, autoaugment=None),
+        CifarSpec(
+            "cifar10", mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616),
+            autoaugment="cifar10", url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+            folder="cifar-10-batches-py", num_classes=10,
+            train_files=tuple(f"data_batch_{i}" for i in range(1, 6)), test_file="test_batch",
+            meta_file="batches.meta", label_key="labels", names_key="label_names",
+            md5="c58f30108f718f92721af3b95e74349a",
+        ),
+        CifarSpec(
+            "cifar100", mean=(0.5070, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762),
+            autoaugment="cifar10", url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+            folder="cifar-100-python", num_classes=100, train_files=("train",), test_file="test",
+            meta_file="meta", label_key="fine_labels", names_key="fine_label_names",
+            md5="eb9058c3a382ffc7106e4002c42a8d85",
+        ),
+        SvhnSpec(
+            "svhn", mean=(0.4377, 0.4438, 0.4728), std=(0.1980, 0.2010, 0.1970), autoaugment="svhn",
+            url="http://ufldl.stanford.edu/housenumbers/", folder="svhn",
+            md5=("e26dedcc434d2e4c54c9b2d4a06d8373", "eb5a983be6a315427106f1b164d9cef3"),
+        ),
+        TinyImageNetSpec(
+            "tinyimagenet", mean=(0.4802, 0.4481, 0.3975), std=(0.2770, 0.2691, 0.2821),
+            autoaugment="imagenet", url="http://cs231n.stanford.edu/tiny-imagenet-200.zip",
+            folder="tiny-imagenet-200",
+        ),
+        FolderSpec("folder", mean=None, std=None, autoaugment="imagenet"),
+    )
+}

@@ -1,0 +1,41 @@
+"""Helpers shared by the model builders: input checks and the official code's initialisation."""
+
+from __future__ import annotations
+
+import torch
+from timm.layers import DropPath
+from torch import nn
+
+
+def check_divides(what: str, size: int, divisor: int, divisor_name: str) -> None:
+    if size % divisor:
+        raise ValueError(f"{what} {size} is not divisible by the {divisor_name} {divisor}")
+
+
+def official_init(model: nn.Module, embeddings: list[nn.Parameter] = ()) -> None:
+    """The initialisation of the official ViT / PiT / CaiT: xavier-normal Linear and Conv weights,
+    zero biases, LayerNorm (1, 0), and position embeddings / class tokens drawn from N(0, 1).
+
+    Mask parameters are left as their own classes initialised them.
+    """
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d, nn.Conv1d)):
+            nn.init.xavier_normal_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+    with torch.no_grad():
+        for p in embeddings:
+            p.normal_(0.0, 1.0)
+
+
+def share_drop_path(model: nn.Module, rate: float) -> None:
+    """The official ViT / PiT / CaiT use one DropPath of constant rate in every block (no ramp):
+    replace every DropPath (or its Identity placeholder named drop_path*) with one shared module."""
+    shared = DropPath(rate) if rate > 0 else nn.Identity()
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if child_name.startswith("drop_path") and isinstance(child, (DropPath, nn.Identity)):
+                setattr(parent, child_name, shared)

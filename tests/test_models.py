@@ -1,0 +1,138 @@
+"""The five models against the paper's table, and every model x mask trained for one step."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from gmmvit.attention import MaskedAttention
+from gmmvit.complexity import macs_paper_convention, measure
+from gmmvit.masks import GaussianMixtureMask, LocalityMask
+from gmmvit.models import MODELS, build_model
+
+# model: (params, paper-convention MACs, depth) at 32x32, 10 classes, from the paper's table
+PAPER = {
+    "vit": (2.7e6, 170.9e6, 9),
+    "swin": (7.1e6, 236.9e6, 12),
+    "cait": (5.1e6, 305.9e6, 26),
+    "pit": (7.0e6, 239.1e6, 12),
+    "t2t": (6.5e6, 417.4e6, 13),
+}
+# exact counts of the official code (PAPER.md)
+OFFICIAL_PARAMS = {"vit": 2_692_042, "swin": 7_073_188, "cait": 5_078_834, "pit": 6_972_586, "t2t": 6_486_080}
+OFFICIAL_GMM_EXTRA = {"vit": 1_080, "swin": 900, "cait": 960, "pit": 600, "t2t": 490}
+MASKS = ["none", "gmm", "elm", "rmt"]
+
+
+def test_registry_holds_the_five_models():
+    assert sorted(MODELS) == sorted(PAPER)
+
+
+@pytest.mark.parametrize("name", list(PAPER))
+def test_counts_match_the_paper(name):
+    record = measure(name, "none", img_size=32, num_classes=10)
+    params, macs, depth = PAPER[name]
+    assert record["params"] == pytest.approx(params, rel=0.01)
+    assert record["params"] == pytest.approx(OFFICIAL_PARAMS[name], rel=0.001)
+    assert record["macs_paper"] == pytest.approx(macs, rel=0.01)
+    assert record["depth"] == depth
+    # fvcore also counts the attention products, which the paper convention leaves out
+    assert record["macs_all"] > record["macs_paper"] * 0.9
+
+
+@pytest.mark.parametrize("name", list(PAPER))
+def test_mask_parameter_counts(name):
+    base = measure(name, "none")["params"]
+    gmm = build_model(name, mask="gmm")
+    masked = [m for m in gmm.modules() if isinstance(m, LocalityMask)]
+    assert all(isinstance(m, GaussianMixtureMask) for m in masked)
+    assert sum(p.numel() for p in gmm.parameters()) - base == OFFICIAL_GMM_EXTRA[name]
+    assert sum(2 * 5 * m.num_heads for m in masked) == OFFICIAL_GMM_EXTRA[name]
+    elm = build_model(name, mask="elm")
+    elm_layers = [m for m in elm.modules() if isinstance(m, LocalityMask)]
+    assert sum(p.numel() for p in elm.parameters()) - base == sum(m.num_tokens**2 for m in elm_layers)
+    # the paper convention ignores the mask's own operations
+    assert macs_paper_convention(gmm.eval(), 32) == measure(name, "none")["macs_paper"]
+
+
+def test_gmm_kernels_are_configurable():
+    base = sum(p.numel() for p in build_model("vit").parameters())
+    three = build_model("vit", mask="gmm", mask_kwargs={"num_kernels": 3})
+    assert sum(p.numel() for p in three.parameters()) - base == 9 * 2 * 3 * 12
+
+
+@pytest.mark.parametrize("name", list(PAPER))
+def test_neutral_gmm_gives_the_unmasked_logits(name):
+    """A GMM mask that multiplies by 1 must reproduce the unmasked model, whose attention runs on the
+    fused scaled_dot_product_attention path: the two attention paths and the placement agree."""
+    torch.manual_seed(0)
+    plain = build_model(name, mask="none").eval()
+    gmm = build_model(name, mask="gmm").eval()
+    gmm.load_state_dict(plain.state_dict(), strict=False)
+    with torch.no_grad():
+        for m in gmm.modules():
+            if isinstance(m, GaussianMixtureMask):
+                m.alpha.zero_()
+                m.alpha[0].fill_(1.0)
+                m.sigma.fill_(1e6)  # exp(-d2 / 2e12) == 1 in float32
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(gmm(x), plain(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", list(PAPER))
+@pytest.mark.parametrize("mask", ["none", "rmt"])
+def test_fused_and_explicit_paths_agree(name, mask):
+    torch.manual_seed(0)
+    model = build_model(name, mask=mask).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        fused = model(x)
+        for m in model.modules():
+            if isinstance(m, MaskedAttention):
+                m.fused = False
+        explicit = model(x)
+    assert torch.allclose(fused, explicit, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("img_size,num_classes", [(32, 10), (64, 200)])
+@pytest.mark.parametrize("mask", MASKS)
+@pytest.mark.parametrize("name", list(PAPER))
+def test_every_model_and_mask_trains_one_step(name, mask, img_size, num_classes):
+    torch.manual_seed(0)
+    model = build_model(name, mask=mask, img_size=img_size, num_classes=num_classes).train()
+    x = torch.randn(2, 3, img_size, img_size)
+    logits = model(x)
+    assert logits.shape == (2, num_classes)
+    torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1])).backward()
+    for p in model.parameters():
+        if p.grad is not None:
+            assert torch.isfinite(p.grad).all()
+    masks = [m for m in model.modules() if isinstance(m, LocalityMask)]
+    assert bool(masks) == (mask != "none")
+    for m in masks:
+        for p in m.parameters():  # rmt has none
+            assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient reaches {m}"
+
+
+def test_unknown_model_lists_valid_names():
+    with pytest.raises(ValueError) as err:
+        build_model("resnet")
+    for name in PAPER:
+        assert name in str(err.value)
+
+
+def test_unknown_mask_lists_valid_names():
+    with pytest.raises(ValueError) as err:
+        build_model("vit", mask="gauss")
+    for mask in MASKS:
+        assert mask in str(err.value)
+
+
+@pytest.mark.parametrize("name", list(PAPER))
+def test_image_size_not_divisible_names_both_numbers(name):
+    with pytest.raises(ValueError) as err:
+        build_model(name, img_size=30)
+    assert re.search(r"\b30\b.*not divisible by .*\b\d+\b", str(err.value)), str(err.value)
