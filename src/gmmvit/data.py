@@ -142,7 +142,7 @@ class DatasetSpec:
         """Download and unpack into ``tmp``; return the folder that becomes ``root/self.folder``."""
         raise NotImplementedError
 
-    def verify(self, folder: Path, origin: str) -> dict[str, int]:
+    def verify(self, folder: Path) -> dict[str, int]:
         """Check a staged folder and return its counts ({"classes", "train", eval_split})."""
         raise NotImplementedError
 
@@ -155,12 +155,24 @@ class DatasetSpec:
     def download_urls(self) -> tuple[str, ...]:
         return (self.url,) if self.url else ()
 
-    def missing_error(self, root: Path, detail: str = "") -> DatasetError:
+    def _require_files(self, root: Path) -> None:
+        assert self.folder is not None
+        files = self.expected_files()
+        missing = [f for f in files if not (root / self.folder / f).is_file()]
+        if missing:
+            partial = len(missing) < len(files)
+            raise self.missing_error(root, f"missing: {', '.join(missing)}" if partial else "")
+
+    def adopt(self, folder: Path, origin: str) -> None:
+        """Finish the layout of a folder unpacked by hand before verifying it (default: nothing)."""
+
+    def missing_error(self, root: Path, detail: str = "", problem: str = "dataset not found in"
+                      ) -> DatasetError:
         assert self.folder is not None and self.url is not None
         where = root / self.folder
         files = ", ".join(self.expected_files())
         return DatasetError(
-            f"{self.name}: dataset not found in {where}"
+            f"{self.name}: {problem} {where}"
             + (f" ({detail})" if detail else "")
             + f".\n  Expected there: {files}"
             + f"\n  Prepare it with: gmmvit prepare {self.name} --data-root {root}"
@@ -207,7 +219,11 @@ def is_prepared(name: str, root: str | Path = "data") -> bool:
 
 
 def load_dataset(name: str, root: str | Path = "data", **options: Any) -> ImageDataset:
-    """Load a registered dataset whole; ``options`` are dataset-specific (``folder``: path, img_size)."""
+    """Load a registered dataset whole.
+
+    Options: ``folder`` takes ``path`` (default: root), ``img_size`` (default 32) and ``progress``;
+    ``tinyimagenet`` takes ``progress``; the others take none.
+    """
     return _spec(name).load(Path(root), **options)
 
 
@@ -242,15 +258,21 @@ def prepare_dataset(
 
     final = root / spec.folder
     marker = final / MARKER_NAME
+    if marker.is_file():  # before locking, so a prepared read-only data root works
+        return final
     root.mkdir(parents=True, exist_ok=True)
     with _exclusive(root / f".prepare-{name}.lock"):
-        if marker.is_file():
+        if marker.is_file():  # prepared by a concurrent run while we waited for the lock
             return final
+        if final.is_dir() and not any(final.iterdir()):
+            # Snakemake creates the marker's parent folder before running the prepare job.
+            final.rmdir()
         if final.exists():
             # E.g. data fetched earlier by torchvision, or a crash between rename and marker:
             # adopt it if it verifies, but never delete what may be the user's own files.
             try:
-                counts = spec.verify(final, f"existing folder {final}")
+                spec.adopt(final, f"existing folder {final}")
+                counts = spec.verify(final)
                 _check_counts(spec, counts, wanted, f"existing folder {final}")
             except DatasetError as err:
                 raise DatasetError(f"{err}\n  {final} exists but is not a complete {name} dataset; "
@@ -264,7 +286,10 @@ def prepare_dataset(
         tmp = Path(tempfile.mkdtemp(prefix=f".prepare-{name}-", dir=root))
         try:
             staged = spec.fetch(tmp, source, official, progress)
-            counts = spec.verify(staged, source)
+            try:
+                counts = spec.verify(staged)
+            except DatasetError as err:
+                raise DatasetError(f"{name}: data downloaded from {source} is invalid: {err}") from None
             _check_counts(spec, counts, wanted, source)
             os.replace(staged, final)
             _write_marker(final, name, counts, source=source, md5_checked=official)
@@ -325,13 +350,15 @@ def _download(url: str, dest: Path, progress: bool, md5: str | None = None) -> N
             length = response.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
             with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
-                      desc=dest.name, disable=not progress, leave=False) as bar:
+                      desc=Path(urllib.parse.urlparse(url).path).name or dest.name,
+                      disable=not progress, leave=False) as bar:
                 while chunk := response.read(_CHUNK):
                     out.write(chunk)
                     digest.update(chunk)
                     written += len(chunk)
                     bar.update(len(chunk))
     except urllib.error.HTTPError as err:
+        err.close()  # it owns the response's socket
         raise DatasetError(f"download of {url} failed: HTTP {err.code} {err.reason}") from None
     except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as err:
         reason = getattr(err, "reason", err)
@@ -345,11 +372,11 @@ def _download(url: str, dest: Path, progress: bool, md5: str | None = None) -> N
 
 def _unpack(archive: Path, dest: Path, url: str) -> None:
     try:
-        if zipfile.is_zipfile(archive):
+        if archive.suffix == ".zip":
             with zipfile.ZipFile(archive) as zf:
                 zf.extractall(dest)  # ZipFile sanitises absolute and ".." member names itself
         else:
-            with tarfile.open(archive) as tf:
+            with tarfile.open(archive, "r:gz") as tf:
                 if hasattr(tarfile, "data_filter"):
                     tf.extractall(dest, filter="data")
                 else:  # pragma: no cover - Python < 3.11.4
@@ -567,9 +594,7 @@ class CifarSpec(DatasetSpec):
     def load(self, root: Path, **options: Any) -> ImageDataset:
         _no_options(self.name, options)
         assert self.folder is not None
-        missing = [f for f in self.expected_files() if not (root / self.folder / f).is_file()]
-        if missing:
-            raise self.missing_error(root, f"missing: {', '.join(missing)}")
+        self._require_files(root)
         train_x, train_y, test_x, test_y, names = self._read(root / self.folder)
         assert self.mean is not None and self.std is not None
         return ImageDataset(self.name, train_x, train_y, test_x, test_y, self.num_classes,
@@ -577,16 +602,16 @@ class CifarSpec(DatasetSpec):
 
     def fetch(self, tmp: Path, source: str, official: bool, progress: bool) -> Path:
         assert self.folder is not None
-        archive = tmp / Path(urllib.parse.urlparse(source).path).name
+        archive = tmp / "download.tar.gz"
         _download(source, archive, progress, self.md5 if official else None)
         _unpack(archive, tmp / "unpacked", source)
         archive.unlink()
         return _top_folder(tmp / "unpacked", self.folder, source)
 
-    def verify(self, folder: Path, origin: str) -> dict[str, int]:
+    def verify(self, folder: Path) -> dict[str, int]:
         missing = [f for f in self.expected_files() if not (folder / f).is_file()]
         if missing:
-            raise DatasetError(f"{self.name}: data from {origin} lacks {', '.join(missing)} in {folder.name}/")
+            raise DatasetError(f"{folder.name}/ lacks {', '.join(missing)}")
         train_x, _, test_x, _, names = self._read(folder)
         return {"classes": len(names), "train": len(train_x), "test": len(test_x)}
 
@@ -624,9 +649,7 @@ class SvhnSpec(DatasetSpec):
         _no_options(self.name, options)
         assert self.folder is not None and self.mean is not None and self.std is not None
         folder = root / self.folder
-        missing = [f for f in self.files if not (folder / f).is_file()]
-        if missing:
-            raise self.missing_error(root, f"missing: {', '.join(missing)}")
+        self._require_files(root)
         train_x, train_y = self._read(folder / self.files[0])
         test_x, test_y = self._read(folder / self.files[1])
         return ImageDataset(self.name, train_x, train_y, test_x, test_y, 10, self.mean, self.std,
@@ -640,7 +663,7 @@ class SvhnSpec(DatasetSpec):
             _download(_join_url(source, file), staged / file, progress, md5 if official else None)
         return staged
 
-    def verify(self, folder: Path, origin: str) -> dict[str, int]:
+    def verify(self, folder: Path) -> dict[str, int]:
         train_x, _ = self._read(folder / self.files[0])
         test_x, _ = self._read(folder / self.files[1])
         return {"classes": 10, "train": len(train_x), "test": len(test_x)}
@@ -663,7 +686,8 @@ class TinyImageNetSpec(DatasetSpec):
         if not (folder / "train").is_dir() or not (folder / "val").is_dir():
             raise self.missing_error(root)
         if (folder / "val" / "images").is_dir():
-            raise self.missing_error(root, "val/images/ is not yet sorted into class folders")
+            raise self.missing_error(root, "val/images/ is not yet sorted into class folders",
+                                     problem="dataset not yet prepared in")
         train, val = _scan_tree(folder / "train", folder / "val")
         classes = tuple(train)
         train_x, train_y = _load_tree(self.name, classes, train, self.img_size, "train", progress)
@@ -681,6 +705,12 @@ class TinyImageNetSpec(DatasetSpec):
         self._sort_val(staged / "val", source)
         return staged
 
+    def adopt(self, folder: Path, origin: str) -> None:
+        # The official zip unpacked by hand: sorting in place is what the user wants, and it
+        # can resume after an interruption because already-moved files are skipped.
+        if (folder / "val" / "images").is_dir():
+            self._sort_val(folder / "val", origin)
+
     @staticmethod
     def _sort_val(val: Path, origin: str) -> None:
         annotations = val / "val_annotations.txt"
@@ -694,18 +724,20 @@ class TinyImageNetSpec(DatasetSpec):
                 raise DatasetError(f"{annotations}:{line_no}: expected 'filename<TAB>wnid...', got {line!r}")
             file, wnid = fields[0].strip(), fields[1].strip()
             image = val / "images" / file
+            if (val / wnid / file).is_file() and not image.exists():
+                continue  # moved by an earlier, interrupted run
             if not image.is_file():
                 raise DatasetError(f"{annotations}:{line_no}: {file} is not in val/images/")
             (val / wnid).mkdir(exist_ok=True)
             os.replace(image, val / wnid / file)
         shutil.rmtree(val / "images", ignore_errors=True)
 
-    def verify(self, folder: Path, origin: str) -> dict[str, int]:
+    def verify(self, folder: Path) -> dict[str, int]:
         for sub in ("train", "val"):
             if not (folder / sub).is_dir():
-                raise DatasetError(f"tinyimagenet: data from {origin} has no {sub}/ folder")
+                raise DatasetError(f"{folder.name}/ has no {sub}/ folder")
         if (folder / "val" / "images").is_dir():
-            raise DatasetError(f"tinyimagenet: {folder / 'val' / 'images'} is not sorted into class folders")
+            raise DatasetError(f"{folder / 'val' / 'images'} is not sorted into class folders")
         train, val = _scan_tree(folder / "train", folder / "val")
         return {"classes": len(train), "train": sum(map(len, train.values())),
                 "val": sum(map(len, val.values()))}
@@ -721,8 +753,8 @@ class FolderSpec(DatasetSpec):
         train_dir = path / "train"
         eval_dir = next((path / s for s in ("val", "test") if (path / s).is_dir()), None)
         if not train_dir.is_dir() or eval_dir is None:
-            missing = [s for s, ok in (("train/", train_dir.is_dir()), ("val/ or test/", eval_dir is not None))
-                       if not ok]
+            present = (("train/", train_dir.is_dir()), ("val/ or test/", eval_dir is not None))
+            missing = [sub for sub, ok in present if not ok]
             raise DatasetError(f"folder dataset: {path} has no {' and no '.join(missing)}; expected "
                                "train/<class>/<images> and val/<class>/<images> (or test/)")
         return _scan_tree(train_dir, eval_dir)

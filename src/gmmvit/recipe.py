@@ -107,7 +107,12 @@ BUILTIN_RECIPES: dict[str, Recipe] = {
 
 
 def _parse_value(text: str) -> Any:
-    """`--set key=value`: value parsed as YAML (1e-3, true, 5), so types match the dataclass."""
+    """`--set key=value`: 5 -> int, 1e-3 -> float (YAML 1.1 would keep "1e-3" a string), else YAML."""
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
     return yaml.safe_load(text)
 
 

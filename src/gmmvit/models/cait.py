@@ -52,7 +52,7 @@ def layer_scale_value(index: int) -> float:
 
 
 class LinearPatchEmbed(nn.Module):
-    """Non-overlapping patches flattened as (p1 p2 c) and projected by a Linear, as the official code.
+    """Non-overlapping patches flattened as (p1 p2 c), projected by a Linear (official code).
 
     A Conv2d would compute the same function, but xavier-normal sees a different fan-out on a
     conv weight (out * p * p) and the paper-convention count charges its bias per position.
@@ -87,7 +87,12 @@ class TalkingHeadsBlock(nn.Module):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attn = MaskedAttention(
-            dim, num_heads=num_heads, head_dim=head_dim, qkv_bias=False, talking_heads=True, mask=mask
+            dim,
+            num_heads=num_heads,
+            head_dim=head_dim,
+            qkv_bias=False,
+            talking_heads=True,
+            mask=mask,
         )
         self.attn.proj_l, self.attn.proj_w = HeadMix(num_heads), HeadMix(num_heads)
         self.ls1 = LayerScale(dim, init_value)
@@ -102,7 +107,7 @@ class TalkingHeadsBlock(nn.Module):
 
 
 class ClassAttention(nn.Module):
-    """Talking-heads attention in which only the class token queries; the patches are keys/values."""
+    """Talking-heads attention: only the class token queries, the patches are keys and values."""
 
     def __init__(self, dim: int, num_heads: int, head_dim: int) -> None:
         super().__init__()

@@ -1,11 +1,13 @@
-"""PiT for small datasets: timm's PoolingVisionTransformer with our attention, adapted to the official code.
+"""PiT for small datasets: timm's PoolingVisionTransformer with our attention, adapted to the
+official code.
 
-base 96 channels, heads (2, 4, 8), depth (2, 6, 4), head dim 48 (widths 96, 192, 384), MLP x2, a class
-token; a 16x16 token grid (patch 2 at 32 px, patch 4 at 64 px, non-overlapping) pooled to 8x8 and 4x4:
-6,972,586 parameters at 32x32 / 10 classes. Where timm's PiT differs from the official code, it is
-adapted here: qkv without bias, a pointwise 1x1 conv after the depthwise pooling conv, a position
-embedding for the class token too, LayerNorm eps 1e-5. The mask is in every layer of every stage,
-on that stage's grid, patch-patch block only.
+base 96 channels, heads (2, 4, 8), depth (2, 6, 4), head dim 48 (widths 96, 192, 384), MLP x2, a
+class token; a 16x16 token grid (patch 2 at 32 px, patch 4 at 64 px, non-overlapping) pooled to 8x8
+and 4x4: 6,972,586 parameters at 32x32 / 10 classes. Where timm's PiT differs from the official
+code, it is adapted here: qkv without bias, a pointwise 1x1 conv after the depthwise pooling conv,
+a position embedding for the class token too, LayerNorm eps 1e-5. The mask is in every layer of
+every stage, on that stage's grid, patch-patch block only (the last layer's mask gets no gradient:
+only the class token leaves that layer, and its row is unmasked; as in the official code).
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Swin for small datasets: timm's SwinTransformer with our attention in every window.
 
-embed 96, depths (2, 6, 4), heads (3, 6, 12), window 4, MLP x2, qkv bias; a 16x16 token grid (patch 2
-at 32 px, patch 4 at 64 px) merged to 8x8 and 4x4. As in the official code, a learned absolute
-position embedding is added after the patch embedding (timm's Swin has none): 7,073,188 parameters at
-32x32 / 10 classes. The mask sits in every window attention, on the 4x4 window grid.
+embed 96, depths (2, 6, 4), heads (3, 6, 12), window 4, MLP x2, qkv bias; a 16x16 token grid
+(patch 2 at 32 px, patch 4 at 64 px) merged to 8x8 and 4x4. As in the official code, a learned
+absolute position embedding is added after the patch embedding (timm's Swin has none): 7,073,188
+parameters at 32x32 / 10 classes. The mask sits in every window attention, on the 4x4 window grid.
 """
 
 from __future__ import annotations
@@ -51,11 +51,12 @@ class MaskedWindowAttention(MaskedAttention):
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
         return bias.view(n, n, self.num_heads).permute(2, 0, 1)  # (heads, N, N)
 
-    def forward(self, x: Tensor, mask: Tensor | None = None, **unused: object) -> Tensor:
-        """x: (B * windows, N, dim). mask: timm's shifted-window mask (windows, N, N) of 0 / -100."""
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """x: (B * windows, N, dim). mask: the shifted-window mask (windows, N, N) of 0 / -100 that
+        timm's block passes by this name (MaskedAttention.forward would swallow it silently)."""
         bias = self.relative_position_bias()[None]
         if mask is not None:
-            # Windows are batch-major (index b * windows + w), so tile the per-window bias over the batch.
+            # Windows are batch-major (b * windows + w): tile the per-window bias over the batch.
             num_windows = mask.shape[0]
             bias = (bias + mask[:, None]).repeat(x.shape[0] // num_windows, 1, 1, 1)
         return super().forward(x, attn_mask=bias)
@@ -65,8 +66,9 @@ class MaskedWindowAttention(MaskedAttention):
 
 
 class PatchEmbedWithPosition(PatchEmbed):
-    """timm's patch embedding (conv, LayerNorm, NHWC out) plus the official learned absolute position
-    embedding; living in the embedding keeps every timm forward path (features, intermediates) right."""
+    """timm's patch embedding (conv, LayerNorm, NHWC out) plus the official learned absolute
+    position embedding; inside the embedding, every timm forward path (features, intermediates)
+    gets it."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -118,19 +120,20 @@ def swin(
         window_size=window_size,
         mlp_ratio=mlp_ratio,
         qkv_bias=qkv_bias,
-        drop_path_rate=drop_path_rate,  # timm's linear ramp 0 -> rate over all blocks, as official
+        drop_path_rate=drop_path_rate,  # timm's linear ramp 0 -> rate over the blocks, as official
         embed_layer=PatchEmbedWithPosition,
     )
     for stage, heads in zip(model.layers, num_heads):
         for block in stage.blocks:
-            # timm shrinks the window to a stage narrower than it and then stops shifting (as official).
+            # timm shrinks the window to a stage narrower than it, and then stops shifting (as
+            # official): at 32 px the 4x4 stage is one unshifted window.
             win_h, win_w = block.window_size
             if win_h != win_w:
                 raise ValueError(f"square windows only, got {block.window_size}")
             block.attn = MaskedWindowAttention(
                 block.dim, heads, win_h, qkv_bias=qkv_bias, mask=mask_factory(win_h, heads)
             )
-    # timm's init again, for the new attention layers: trunc-normal(0.02) Linear weights, zero biases.
+    # timm's init again, for the new attention: trunc-normal(0.02) Linear weights, zero biases.
     model.init_weights(needs_reset=False)
     model.paper_depth = sum(depths)
     return model

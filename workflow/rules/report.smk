@@ -1,0 +1,34 @@
+# The grid's cells -> tables and plots. report.py is an input here only, so editing it reruns the
+# report and nothing else.
+
+
+rule report:
+    input:
+        metrics=grid_files("metrics.json"),
+        # report.py reads each history.csv beside its metrics.json (learning curves)
+        histories=grid_files("history.csv"),
+        measures=measure_files(),
+        code=src_files("report.py"),
+        reference=src_files("reference/paper_table.csv"),
+    output:
+        table=report(report_tables()[0], category="Tables", labels={"table": "best epoch"}),
+        table_last=report(report_tables()[1], category="Tables", labels={"table": "last epoch"}),
+        csv=report(report_tables()[2], category="Tables", labels={"table": "all cells"}),
+        plots=[
+            report(plot, category="Plots", labels={"plot": Path(plot).stem}) for plot in report_plots()
+        ],
+    params:
+        grid=config["grid"],
+        out_dir=lambda wildcards, output: Path(output.table).parent,
+    log:
+        results("logs/report.log"),
+    threads: config["resources"]["report"]["threads"]
+    resources:
+        mem_mb=config["resources"]["report"]["mem_mb"],
+        runtime=config["resources"]["report"]["runtime"],
+    conda:
+        "../../envs/gmmvit.yaml"
+    shell:
+        "gmmvit report {input.metrics:q} --measures {input.measures:q}"
+        " --reference {input.reference:q} --grid {params.grid} --out-dir {params.out_dir:q}"
+        " > {log:q} 2>&1"

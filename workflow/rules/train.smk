@@ -1,0 +1,34 @@
+# One job per cell (dataset, model, mask, seed, recipe). A cell reruns when its resolved recipe
+# overrides change (params), when the package code that trains it changes (inputs), or when its
+# rule changes; never because another dataset's recipe or the report changed.
+
+
+rule train:
+    input:
+        unpack(train_inputs),
+    output:
+        metrics=cell_path("metrics.json"),
+        history=cell_path("history.csv"),
+    params:
+        base=lambda wildcards: config["recipes"][wildcards.recipe]["base"],
+        overrides=lambda wildcards: overrides_json(wildcards.recipe, wildcards.dataset),
+        data_root=lambda wildcards: dataset_root(wildcards.dataset),
+        out_dir=lambda wildcards, output: Path(output.metrics).parent,
+    log:
+        cell_log(),
+    wildcard_constraints:
+        model="[a-z0-9_]+",
+        mask="[a-z0-9_]+",
+        seed=r"\d+",
+    threads: config["resources"]["train"]["threads"]
+    resources:
+        mem_mb=train_resources("mem_mb"),
+        runtime=train_resources("runtime"),
+        gpu=train_resources("gpu"),
+    conda:
+        "../../envs/gmmvit.yaml"
+    shell:
+        "gmmvit train --dataset {wildcards.dataset} --model {wildcards.model} --mask {wildcards.mask}"
+        " --seed {wildcards.seed} --recipe {params.base} --overrides {params.overrides:q}"
+        " --data-root {params.data_root:q} --threads {threads} --out {params.out_dir:q}"
+        " > {log:q} 2>&1"
