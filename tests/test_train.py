@@ -40,24 +40,24 @@ def comparable(record: dict) -> dict:
 
 @pytest.mark.slow
 def test_demo_cell_learns_digits(tmp_path):
-    # The demo recipe, shortened: the loss falls and the accuracy is far above chance (10%).
+    # The demo recipe, one epoch shorter: the loss falls and the accuracy is far above chance (10%).
     out = tmp_path / "cell"
-    run = train(out, "epochs=3", "limit_train=640", mask="none", recipe="demo")
+    run = train(out, "epochs=2", recipe="demo")
     assert run.returncode == 0, run.stdout + run.stderr
     rows = history(out)
     assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
     record = json.loads((out / "metrics.json").read_text())
-    assert record["best_top1"] >= 40, rows
+    assert record["best_top1"] >= 50, rows
     assert record["best_top1"] == max(float(r["test_top1"]) for r in rows)
     assert record["last_top1"] == float(rows[-1]["test_top1"])
     # provenance the report relies on
     assert record["device"] == "cpu" and record["threads"] == 1
     assert set(record["versions"]) >= {"torch", "timm", "gmmvit"}
-    assert record["recipe_config"]["epochs"] == 3 and record["params"] == 2_692_042
+    assert record["recipe_config"]["epochs"] == 2 and record["params"] == 2_693_122
     assert (out / "checkpoint.pt").exists() and (out / "mask_params.pt").exists()
     # a line per epoch, readable in a batch-job log (no bar: stdout is not a TTY)
     lines = [line for line in run.stdout.splitlines() if line.startswith("epoch")]
-    assert len(lines) == 3 and "top1" in lines[0] and "\r" not in run.stdout
+    assert len(lines) == 2 and "top1" in lines[0] and "\r" not in run.stdout
 
 
 def test_same_seed_same_numbers(tmp_path):

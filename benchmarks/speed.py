@@ -1,0 +1,114 @@
+"""Training-step speed of every model x mask, against a 2048x2048 float32 matmul, in one run.
+
+    python benchmarks/speed.py                 # all models x {none, gmm, elm}, batch 128, 32x32
+    python benchmarks/speed.py --models vit --loop   # + the full training loop vs the model alone
+
+Repeats are interleaved (model A, B, C, A, B, C, ...) and medians reported, because this machine is
+noisy: ratios from one run are what to compare. Train FLOPs ~ 6 x forward MACs per image (fvcore,
+attention products included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from gmmvit.complexity import macs_all_operators
+from gmmvit.models import build_model
+
+
+def matmul_seconds(n: int = 2048) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    t0 = time.perf_counter()
+    a @ b
+    return time.perf_counter() - t0
+
+
+def make_step(model_name: str, mask: str, batch: int, img: int):
+    torch.manual_seed(0)
+    model = build_model(model_name, mask=mask, img_size=img, num_classes=10).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+    x, y = torch.randn(batch, 3, img, img), torch.randint(0, 10, (batch,))
+
+    def step() -> float:
+        t0 = time.perf_counter()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return time.perf_counter() - t0
+
+    step()  # warm-up: allocator, first-call overheads
+    return model, step
+
+
+def loop_images_per_s(batch: int, steps: int) -> float:
+    """The real training loop (paper augmentation + mixing) for ViT on digits-sized random data."""
+    from torch.utils.data import DataLoader, RandomSampler
+
+    from gmmvit.recipe import BUILTIN_RECIPES, BatchMixer, soft_cross_entropy, train_transform
+    from gmmvit.train import AugmentedImages
+
+    recipe = BUILTIN_RECIPES["paper"]
+    torch.manual_seed(0)
+    model = build_model("vit", img_size=32, num_classes=10).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+    images = torch.randint(0, 256, (batch * (steps + 1), 3, 32, 32), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (len(images),))
+    data = AugmentedImages(images, labels, train_transform(recipe, (0.5,) * 3, (0.25,) * 3, "cifar10", 32))
+    loader = DataLoader(data, batch_size=batch, sampler=RandomSampler(data), drop_last=True)
+    mixer = BatchMixer(recipe, 10)
+    seen, t0 = 0, None
+    for i, (x, y) in enumerate(loader):
+        if i == 1:  # the first step is warm-up
+            t0, seen = time.perf_counter(), 0
+        x, target = mixer(x, y)
+        loss = soft_cross_entropy(model(x), target, recipe.label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        seen += len(y)
+    return seen / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["vit", "swin", "cait", "pit", "t2t"])
+    parser.add_argument("--masks", nargs="+", default=["none", "gmm", "elm"])
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--loop", action="store_true", help="also time the full ViT training loop")
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, 32x32")
+
+    steps = {(m, k): make_step(m, k, args.batch, 32) for m in args.models for k in args.masks}
+    times: dict = {key: [] for key in steps}
+    mm: list[float] = []
+    for _ in range(args.repeats):  # interleaved, so drift hits every cell alike
+        mm.append(matmul_seconds())
+        for key, (_, step) in steps.items():
+            times[key].append(step())
+    mm_rate = 2 * 2048**3 / statistics.median(mm)
+    print(f"matmul 2048^2 float32: {mm_rate / 1e9:.1f} GFLOP/s (median of {args.repeats})\n")
+    print(f"| model | mask | step s | images/s | vs none | train GFLOP/s | of matmul |")
+    print(f"|---|---|---|---|---|---|---|")
+    for (m, k), ts in times.items():
+        t = statistics.median(ts)
+        base = statistics.median(times[(m, args.masks[0])])
+        macs = macs_all_operators(steps[(m, k)][0].eval(), 32)
+        rate = 6 * macs * args.batch / t
+        print(f"| {m} | {k} | {t:.3f} | {args.batch / t:.1f} | {t / base:.2f} | {rate / 1e9:.1f} | "
+              f"{rate / mm_rate:.0%} |")
+    if args.loop:
+        model_only = args.batch / statistics.median(times[("vit", "none")]) if ("vit", "none") in times else None
+        loop = loop_images_per_s(args.batch, steps=args.repeats)
+        print(f"\nViT full training loop (paper augmentation + mixing): {loop:.1f} images/s"
+              + (f" = {loop / model_only:.0%} of the model-only step" if model_only else ""))
+
+
+if __name__ == "__main__":
+    main()

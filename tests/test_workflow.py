@@ -1,0 +1,342 @@
+"""The real `snakemake` on a tiny grid in a temporary directory: the DAG, the table, incremental
+rebuilds, config errors, a failing cell.
+
+The workflow is the repository's (--snakefile); each test directory holds its own config.yaml and a
+copy of the package source (config `src_dir`), so a test can edit "the code" without touching the
+repository. Jobs still run the installed `gmmvit`. Most incremental checks are dry runs (-n).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from PIL import Image
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # the venv's bin: snakemake, and gmmvit for the jobs
+SNAKEMAKE = str(BIN / "snakemake") if (BIN / "snakemake").exists() else shutil.which("snakemake")
+CELLS = [(d, k) for d in ("digits", "folder") for k in ("none", "gmm")]  # model vit, seed 0
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def snakemake(work: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = os.environ | {"PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.pop("SNAKEMAKE_PROFILE", None)
+    proc = subprocess.run(
+        [SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory", str(work), "--cores", "2", *args],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def planned(work: Path, *args: str) -> dict[str, list[str]]:
+    """Rule -> first output of each job a dry run would run (rule all left out)."""
+    out = snakemake(work, "--dry-run", *args)
+    jobs: dict[str, list[str]] = {}
+    rule = None
+    for line in (out.stdout + out.stderr).splitlines():
+        if m := re.match(r"^(?:local)?rule (\w+):$", line):
+            rule = m.group(1)
+        elif rule and (m := re.match(r"^\s+output: ([^,\s]+)", line)):
+            jobs.setdefault(rule, []).append(m.group(1))
+            rule = None
+    return {rule: sorted(outputs) for rule, outputs in jobs.items()}
+
+
+def markdown_table(path: Path) -> tuple[list[str], dict[str, dict[str, str]]]:
+    """Columns and {row label: {column: cell}} of the markdown table in ``path``."""
+    lines = [line for line in path.read_text().splitlines() if line.startswith("|")]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    return cells[0], {row[0]: dict(zip(cells[0], row)) for row in cells[2:]}
+
+
+def metrics(dataset: str, mask: str, seed: int = 0) -> str:
+    return f"results/runs/smoke/{dataset}/vit-{mask}/seed{seed}/metrics.json"
+
+
+def tiny_config(work: Path) -> dict:
+    """digits + a folder dataset the test writes, vit x {none, gmm}, seed 0, recipe smoke: 4 cells."""
+    return {
+        "grid": "tiny", "data_root": "data", "results": "results", "src_dir": str(work / "src" / "gmmvit"),
+        "grids": {"tiny": {"datasets": ["digits", "folder"], "models": ["vit"], "masks": ["none", "gmm"],
+                           "seeds": [0], "recipe": "smoke"}},
+        "recipes": {"smoke": {"base": "smoke", "epochs": 1, "limit_train": 32, "limit_test": 32}},
+        "datasets": {"digits": {"num_classes": 10, "img_size": 32},
+                     "folder": {"num_classes": 2, "img_size": 32, "path": "folder"}},
+        "resources": {rule: {"threads": 1, "mem_mb": 1000, "runtime": 10}
+                      for rule in ("train", "measure", "prepare", "report")},
+    }
+
+
+def make_workdir(work: Path, config: dict | None = None) -> Path:
+    work.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(REPO / "src" / "gmmvit", work / "src" / "gmmvit",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    (work / "config.yaml").write_text(yaml.safe_dump(config or tiny_config(work), sort_keys=False))
+    return work
+
+
+def write_folder_dataset(root: Path) -> None:
+    """Two classes of small PNGs: a dark and a bright one, so they are learnable."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 16), ("val", 8)):
+        for label, level in (("dark", 40), ("bright", 200)):
+            (root / split / label).mkdir(parents=True)
+            for i in range(n):
+                pixels = np.clip(rng.normal(level, 30, (12, 12, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(root / split / label / f"{i}.png")
+
+
+@contextmanager
+def edited(path: Path, change: Callable[[str], str]) -> Iterator[None]:
+    """Change a file for the duration of a test, then restore its content and mtime."""
+    text, stat = path.read_text(), path.stat()
+    path.write_text(change(text))
+    os.utime(path, (time.time() + 5, time.time() + 5))  # newer than every output, even on a coarse clock
+    try:
+        yield
+    finally:
+        path.write_text(text)
+        os.utime(path, (stat.st_atime, stat.st_mtime))
+
+
+def with_config(work: Path, mutate: Callable[[dict], None]) -> Callable[[str], str]:
+    def change(text: str) -> str:
+        config = yaml.safe_load(text)
+        mutate(config)
+        return yaml.safe_dump(config, sort_keys=False)
+    return change
+
+
+# ---------------------------------------------------------------- no build needed
+
+
+def test_lint_is_clean(tmp_path: Path) -> None:
+    out = snakemake(make_workdir(tmp_path), "--lint")
+    assert "Congratulations, your workflow is in a good condition!" in out.stdout + out.stderr
+
+
+def test_config_mirrors_the_package() -> None:
+    """The schema's enums and config.yaml's dataset facts are what the package's registries say."""
+    from dataclasses import fields
+
+    from gmmvit import data, masks, models
+    from gmmvit.recipe import BUILTIN_RECIPES, Recipe
+
+    schema = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())["$defs"]
+    assert sorted(schema["model"]["enum"]) == sorted(models.model_names())
+    assert sorted(schema["mask"]["enum"]) == sorted(masks.mask_names())
+    assert sorted(schema["dataset"]["enum"]) == sorted(data.dataset_names())
+    recipe_keys = [f.name for f in fields(Recipe)]
+    assert sorted(schema["recipe_keys"]["properties"]) == sorted(recipe_keys)
+    assert sorted(schema["recipe"]["properties"]["base"]["enum"]) == sorted(BUILTIN_RECIPES)
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    assert sorted(config["datasets"]) == sorted(data.dataset_names())
+    for name, info in config["datasets"].items():
+        assert bool(info.get("prepared")) == data.needs_download(name), name
+        if info.get("prepared"):
+            assert Path("data", info["prepared"]) == data.marker_path(name, "data"), name
+
+
+def test_conda_env_matches_pyproject() -> None:
+    env = yaml.safe_load((REPO / "envs/gmmvit.yaml").read_text())
+    python = next(d for d in env["dependencies"] if isinstance(d, str) and d.startswith("python"))
+    requires = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["requires-python"]
+    assert requires == ">=3.11" and python.replace(" ", "") == "python=3.11"
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    assert pip == ["--editable ../.."]  # the package itself, with pyproject's dependencies
+
+
+def _without_datasets(config: dict) -> None:
+    del config["datasets"]
+
+
+@pytest.mark.parametrize(
+    ("args", "mutate", "expected"),
+    [
+        (["--config", "grids={tiny: {models: [vit, vitt]}}"], None,
+         [r"'vitt' is not one of \['cait', 'pit', 'swin', 't2t', 'vit'\]", r"\['grids'\]\['tiny'\]\['models'\]"]),
+        (["--config", "recipes={smoke: {epochs: five}}"], None,
+         [r"'five' is not of type 'integer'", r"\['recipes'\]\['smoke'\]\['epochs'\]"]),
+        (["--config", "recipes={smoke: {epoch: 2}}"], None,
+         [r"'epoch' is not one of \[.*'epochs'.*\]", r"\['recipes'\]\['smoke'\]"]),
+        ([], _without_datasets, [r"'datasets' is a required property"]),
+        (["--config", "grid=nosuch"], None, [r"config grid='nosuch' is not defined; defined grids: tiny"]),
+        (["--config", "grids={tiny: {recipe: nosuch}}"], None,
+         [r"grids.tiny.recipe='nosuch' is not defined; defined recipes: smoke"]),
+    ],
+    ids=["unknown-model", "wrong-type", "unknown-recipe-key", "missing-key", "unknown-grid", "unknown-recipe"],
+)
+def test_bad_config_fails_before_any_job(tmp_path: Path, args: list[str], mutate, expected: list[str]) -> None:
+    work = make_workdir(tmp_path)
+    if mutate:
+        (work / "config.yaml").write_text(with_config(work, mutate)((work / "config.yaml").read_text()))
+    out = snakemake(work, *args, check=False)
+    text = out.stdout + out.stderr
+    assert out.returncode != 0
+    for pattern in expected:
+        assert re.search(pattern, text), f"{pattern!r} not in:\n{text}"
+    assert "Job stats" not in text and not (work / "results").exists()
+
+
+def test_paper_grid_dry_run_with_everything_built_is_fast(tmp_path: Path) -> None:
+    """The whole paper grid (180 cells) with every output present: nothing to do, in seconds."""
+    work = make_workdir(tmp_path, yaml.safe_load((REPO / "config.yaml").read_text()))
+    config = yaml.safe_load((work / "config.yaml").read_text())
+    config["src_dir"] = str(work / "src" / "gmmvit")
+    (work / "config.yaml").write_text(yaml.safe_dump(config))
+    grid = config["grids"]["paper"]
+    now = time.time()
+    stages: list[list[str]] = [
+        [f"data/{config['datasets'][d]['prepared']}" for d in grid["datasets"]],
+        [f"results/runs/paper/{d}/{m}-{k}/seed{s}/{f}" for d in grid["datasets"] for m in grid["models"]
+         for k in grid["masks"] for s in grid["seeds"] for f in ("metrics.json", "history.csv")]
+        + [f"results/measure/{m}-{k}-{size}px-{classes}c.json" for m in grid["models"] for k in grid["masks"]
+           for size, classes in ((32, 10), (32, 100), (64, 200))],
+        [f"results/{name}" for name in ("table.md", "table_last.md", "table.csv")]
+        + [f"results/plots/{name}.png" for name in ("accuracy", "mask_delta", "learning_curves", "vs_paper")],
+    ]
+    for source in (work / "src").rglob("*"):
+        os.utime(source, (now - 1000, now - 1000))
+    for age, files in zip((300, 200, 100), stages):  # inputs older than what is made from them
+        for file in files:
+            (work / file).parent.mkdir(parents=True, exist_ok=True)
+            (work / file).touch()
+            os.utime(work / file, (now - age, now - age))
+    start = time.perf_counter()
+    out = snakemake(work, "--dry-run", "--config", "grid=paper")
+    seconds = time.perf_counter() - start
+    assert "Nothing to be done" in out.stdout + out.stderr
+    print(f"paper grid dry run, everything built: {seconds:.2f} s")
+    assert seconds <= 5.0
+
+
+# ---------------------------------------------------------------- the tiny grid, built once
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    work = make_workdir(tmp_path_factory.mktemp("tiny"))
+    write_folder_dataset(work / "folder")
+    snakemake(work)
+    return work
+
+
+def test_build_writes_every_cell_and_a_table_of_their_numbers(built: Path) -> None:
+    table = pd.read_csv(built / "results/table.csv")
+    assert len(table) == len(CELLS)
+    columns, rows = markdown_table(built / "results/table.md")
+    assert columns[:3] == ["Model", "Digits", "Folder"]  # no (paper) column: the paper has neither
+    assert list(rows) == ["ViT", "GMM-ViT"]
+    for dataset, mask in CELLS:
+        record = json.loads((built / metrics(dataset, mask)).read_text())
+        row = table[(table["dataset"] == dataset) & (table["mask"] == mask)]
+        for key in ("model", "seed", "best_top1", "best_epoch", "last_top1", "params", "recipe"):
+            assert row[key].item() == record[key], (dataset, mask, key)
+        assert row["macs_all"].notna().item()  # its measure (10 or 2 classes) was found
+        none = json.loads((built / metrics(dataset, "none")).read_text())["best_top1"]
+        shown = rows["ViT" if mask == "none" else "GMM-ViT"][dataset.capitalize()]
+        expected = f"{record['best_top1']:.2f}" + ("" if mask == "none" else f" [{record['best_top1'] - none:+.2f}]")
+        assert shown == expected
+        assert (built / metrics(dataset, mask)).with_name("history.csv").is_file()
+    assert (built / "results/measure/vit-gmm-32px-2c.json").is_file()
+    for plot in ("accuracy", "mask_delta", "learning_curves", "vs_paper"):
+        assert (built / f"results/plots/{plot}.png").stat().st_size > 0
+
+
+def test_second_run_does_nothing(built: Path) -> None:
+    out = snakemake(built)
+    assert "Nothing to be done" in out.stdout + out.stderr
+    # the cluster profile parses and agrees (its executor is not used in a dry run)
+    out = snakemake(built, "--dry-run", "--workflow-profile", str(REPO / "workflow/profiles/slurm"))
+    assert "Nothing to be done" in out.stdout + out.stderr
+
+
+def test_recipe_change_for_one_dataset_plans_only_its_cells(built: Path) -> None:
+    def longer_folder(config: dict) -> None:
+        config["recipes"]["smoke"]["per_dataset"] = {"folder": {"epochs": 2}}
+
+    with edited(built / "config.yaml", with_config(built, longer_folder)):
+        jobs = planned(built)
+    assert jobs == {"train": [metrics("folder", "gmm"), metrics("folder", "none")],
+                    "report": ["results/table.md"]}
+    # the same from the command line (nested --config values are read as YAML, so 2 is an integer)
+    jobs = planned(built, "--config", "recipes={smoke: {per_dataset: {digits: {lr: 1.0e-4}}}}")
+    assert jobs == {"train": [metrics("digits", "gmm"), metrics("digits", "none")],
+                    "report": ["results/table.md"]}
+    assert planned(built) == {}  # changing the config back needs nothing
+
+
+def test_adding_a_seed_plans_only_the_new_cells(built: Path) -> None:
+    jobs = planned(built, "--config", "grids={tiny: {seeds: [0, 1]}}")
+    assert jobs == {"train": sorted(metrics(d, k, seed=1) for d, k in CELLS), "report": ["results/table.md"]}
+
+
+@pytest.mark.parametrize(
+    ("source", "rules"),
+    [
+        ("report.py", {"report"}),
+        ("reference/paper_table.csv", {"report"}),
+        ("models/vit.py", {"train", "measure", "report"}),
+        ("data.py", {"train", "report"}),
+        ("complexity.py", {"measure", "report"}),
+    ],
+)
+def test_code_change_reruns_what_it_affects(built: Path, source: str, rules: set[str]) -> None:
+    with edited(built / "src/gmmvit" / source, lambda text: text + "\n"):
+        jobs = planned(built)
+    assert set(jobs) == rules
+    assert len(jobs.get("train", CELLS)) == len(CELLS)  # every cell, not some
+    assert len(jobs.get("measure", range(4))) == 4  # vit x {none, gmm} x {10, 2 classes}
+
+
+def test_recipe_change_retrains_exactly_that_dataset_from_scratch(built: Path) -> None:
+    before = {cell: (built / metrics(*cell)).stat().st_mtime for cell in CELLS}
+    config = built / "config.yaml"
+    config.write_text(with_config(built, lambda c: c["recipes"]["smoke"].update(
+        per_dataset={"folder": {"epochs": 2}}))(config.read_text()))
+    snakemake(built)
+    for dataset, mask in CELLS:
+        changed = (built / metrics(dataset, mask)).stat().st_mtime != before[(dataset, mask)]
+        assert changed == (dataset == "folder"), (dataset, mask)
+    for mask in ("none", "gmm"):
+        record = json.loads((built / metrics("folder", mask)).read_text())
+        assert record["epochs"] == 2 and record["recipe_config"]["epochs"] == 2
+        log = (built / f"results/logs/train/smoke/folder/vit-{mask}/seed0.log").read_text()
+        # a changed recipe is a new run: continuing the old run's checkpoint would mix two recipes
+        assert "resuming" not in log, log
+        assert len(pd.read_csv((built / metrics("folder", mask)).with_name("history.csv"))) == 2
+
+
+def test_failing_cell_names_its_log_and_the_rest_still_builds(built: Path) -> None:
+    # lr 1e30 without warm-up: the second step's loss is not finite and training stops (exit != 0)
+    out = snakemake(built, "--keep-going", "--config", "grids={tiny: {seeds: [0, 1]}}",
+                    "recipes={smoke: {per_dataset: {folder: {lr: 1.0e+30, warmup_epochs: 0, epochs: 2}}}}",
+                    check=False)
+    text = out.stdout + out.stderr
+    assert out.returncode != 0
+    for mask in ("none", "gmm"):
+        assert f"results/logs/train/smoke/folder/vit-{mask}/seed1.log" in text
+        assert "diverged" in (built / f"results/logs/train/smoke/folder/vit-{mask}/seed1.log").read_text()
+        assert not (built / metrics("folder", mask, seed=1)).exists()  # a failed run leaves no record
+        assert (built / metrics("digits", mask, seed=1)).is_file()  # --keep-going built the others
