@@ -120,7 +120,7 @@ def edited(path: Path, change: Callable[[str], str]) -> Iterator[None]:
         os.utime(path, (stat.st_atime, stat.st_mtime))
 
 
-def with_config(work: Path, mutate: Callable[[dict], None]) -> Callable[[str], str]:
+def with_config(mutate: Callable[[dict], None]) -> Callable[[str], str]:
     def change(text: str) -> str:
         config = yaml.safe_load(text)
         mutate(config)
@@ -190,7 +190,7 @@ def _without_datasets(config: dict) -> None:
 def test_bad_config_fails_before_any_job(tmp_path: Path, args: list[str], mutate, expected: list[str]) -> None:
     work = make_workdir(tmp_path)
     if mutate:
-        (work / "config.yaml").write_text(with_config(work, mutate)((work / "config.yaml").read_text()))
+        (work / "config.yaml").write_text(with_config(mutate)((work / "config.yaml").read_text()))
     out = snakemake(work, *args, check=False)
     text = out.stdout + out.stderr
     assert out.returncode != 0
@@ -201,10 +201,8 @@ def test_bad_config_fails_before_any_job(tmp_path: Path, args: list[str], mutate
 
 def test_paper_grid_dry_run_with_everything_built_is_fast(tmp_path: Path) -> None:
     """The whole paper grid (180 cells) with every output present: nothing to do, in seconds."""
-    work = make_workdir(tmp_path, yaml.safe_load((REPO / "config.yaml").read_text()))
-    config = yaml.safe_load((work / "config.yaml").read_text())
-    config["src_dir"] = str(work / "src" / "gmmvit")
-    (work / "config.yaml").write_text(yaml.safe_dump(config))
+    config = yaml.safe_load((REPO / "config.yaml").read_text()) | {"src_dir": str(tmp_path / "src/gmmvit")}
+    work = make_workdir(tmp_path, config)
     grid = config["grids"]["paper"]
     now = time.time()
     stages: list[list[str]] = [
@@ -256,8 +254,8 @@ def test_build_writes_every_cell_and_a_table_of_their_numbers(built: Path) -> No
         assert row["macs_all"].notna().item()  # its measure (10 or 2 classes) was found
         none = json.loads((built / metrics(dataset, "none")).read_text())["best_top1"]
         shown = rows["ViT" if mask == "none" else "GMM-ViT"][dataset.capitalize()]
-        expected = f"{record['best_top1']:.2f}" + ("" if mask == "none" else f" [{record['best_top1'] - none:+.2f}]")
-        assert shown == expected
+        delta = "" if mask == "none" else f" [{record['best_top1'] - none:+.2f}]"
+        assert shown == f"{record['best_top1']:.2f}{delta}"
         assert (built / metrics(dataset, mask)).with_name("history.csv").is_file()
     assert (built / "results/measure/vit-gmm-32px-2c.json").is_file()
     for plot in ("accuracy", "mask_delta", "learning_curves", "vs_paper"):
@@ -276,7 +274,7 @@ def test_recipe_change_for_one_dataset_plans_only_its_cells(built: Path) -> None
     def longer_folder(config: dict) -> None:
         config["recipes"]["smoke"]["per_dataset"] = {"folder": {"epochs": 2}}
 
-    with edited(built / "config.yaml", with_config(built, longer_folder)):
+    with edited(built / "config.yaml", with_config(longer_folder)):
         jobs = planned(built)
     assert jobs == {"train": [metrics("folder", "gmm"), metrics("folder", "none")],
                     "report": ["results/table.md"]}
@@ -306,14 +304,16 @@ def test_code_change_reruns_what_it_affects(built: Path, source: str, rules: set
     with edited(built / "src/gmmvit" / source, lambda text: text + "\n"):
         jobs = planned(built)
     assert set(jobs) == rules
-    assert len(jobs.get("train", CELLS)) == len(CELLS)  # every cell, not some
-    assert len(jobs.get("measure", range(4))) == 4  # vit x {none, gmm} x {10, 2 classes}
+    if "train" in rules:
+        assert len(jobs["train"]) == len(CELLS)  # every cell, not some
+    if "measure" in rules:
+        assert len(jobs["measure"]) == 4  # vit x {none, gmm} x {10, 2 classes}
 
 
 def test_recipe_change_retrains_exactly_that_dataset_from_scratch(built: Path) -> None:
     before = {cell: (built / metrics(*cell)).stat().st_mtime for cell in CELLS}
     config = built / "config.yaml"
-    config.write_text(with_config(built, lambda c: c["recipes"]["smoke"].update(
+    config.write_text(with_config(lambda c: c["recipes"]["smoke"].update(
         per_dataset={"folder": {"epochs": 2}}))(config.read_text()))
     snakemake(built)
     for dataset, mask in CELLS:
@@ -326,6 +326,8 @@ def test_recipe_change_retrains_exactly_that_dataset_from_scratch(built: Path) -
         # a changed recipe is a new run: continuing the old run's checkpoint would mix two recipes
         assert "resuming" not in log, log
         assert len(pd.read_csv((built / metrics("folder", mask)).with_name("history.csv"))) == 2
+    table = pd.read_csv(built / "results/table.csv")  # and the report followed
+    assert table.groupby("dataset")["epochs"].max().to_dict() == {"digits": 1, "folder": 2}
 
 
 def test_failing_cell_names_its_log_and_the_rest_still_builds(built: Path) -> None:

@@ -26,7 +26,19 @@ from torch import Tensor, nn
 
 from .masks import LocalityMask
 
-MaskFactory = Callable[[int], "LocalityMask | None"]  # num_heads -> the layer's mask
+MaskFactory = Callable[[int, int], "LocalityMask | None"]  # (grid, num_heads) -> one layer's mask
+
+
+class HeadMix(nn.Module):
+    """Talking-heads mixing across heads: (B, H, I, J) -> (B, H, I, J), a bias-free H x H matrix
+    drawn from N(0, 1), as the official CaiT (an nn.Linear would add a bias and count as MACs)."""
+
+    def __init__(self, num_heads: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(num_heads, num_heads))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x.permute(0, 2, 3, 1) @ self.weight).permute(0, 3, 1, 2)
 
 
 class MaskedAttention(nn.Module):
@@ -94,8 +106,7 @@ class MaskedAttention(nn.Module):
             raise ValueError(f"mask has {mask.num_heads} heads, attention has {num_heads}")
         self.talking_heads = talking_heads
         if talking_heads:
-            self.proj_l = nn.Linear(num_heads, num_heads)
-            self.proj_w = nn.Linear(num_heads, num_heads)
+            self.mix_pre, self.mix_post = HeadMix(num_heads), HeadMix(num_heads)
 
     def _padded_mask(self, n_tokens: int) -> tuple[Tensor | None, str | None]:
         """The mask over all tokens: neutral (1 or 0) on the special tokens' rows and columns."""
@@ -113,8 +124,10 @@ class MaskedAttention(nn.Module):
             m = F.pad(m, (p, 0, p, 0), value=1.0 if combine == "mul" else 0.0)
         return m, combine
 
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None, **unused: object) -> Tensor:
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         """x: (B, N, dim). attn_mask: an additive bias broadcastable to (B, H, N, N), or None."""
+        if is_causal:
+            raise ValueError("MaskedAttention is bidirectional: is_causal is not supported")
         B, N, _ = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
@@ -139,10 +152,10 @@ class MaskedAttention(nn.Module):
             if attn_mask is not None:
                 logits = logits + attn_mask
             if self.talking_heads:
-                logits = self.proj_l(logits.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+                logits = self.mix_pre(logits)
             attn = logits.softmax(dim=-1)
             if self.talking_heads:
-                attn = self.proj_w(attn.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+                attn = self.mix_post(attn)
             out = self.attn_drop(attn) @ v
 
         out = out.transpose(1, 2).reshape(B, N, self.inner_dim)

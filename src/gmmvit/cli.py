@@ -27,7 +27,7 @@ def _train(args: argparse.Namespace) -> int:
 
     overrides = json.loads(args.overrides) if args.overrides else None
     recipe = resolve_recipe(args.recipe, args.recipes, overrides, args.set)
-    cell = Cell(args.dataset, args.model, args.mask, args.seed, args.recipe)
+    cell = Cell(args.dataset, args.model, args.mask, args.seed, args.recipe_name or args.recipe)
     train_cell(cell, recipe, args.out, data_root=args.data_root, threads=args.threads)
     return 0
 
@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipes", help="YAML file of named recipes: name: {base: <built-in>, key: value}")
     p.add_argument("--overrides", help="JSON object of recipe keys")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one recipe key")
+    p.add_argument("--recipe-name", help="the name recorded in metrics.json (default: --recipe)")
     p.add_argument("--out", required=True, help="the cell's output directory")
     p.add_argument("--data-root", default="data")
     p.add_argument("--threads", type=int, help="CPU threads (default: from the environment)")
@@ -89,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["report"]:  # its own parser, options first included
+        from .report import main as report_main
+
+        return report_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

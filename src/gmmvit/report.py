@@ -75,7 +75,7 @@ def load_histories(cells: pd.DataFrame) -> pd.DataFrame:
         path = Path(cell["metrics"]).with_name("history.csv")
         if path.is_file():
             frames.append(pd.read_csv(path).assign(**{k: cell[k] for k in IDENTITY}))
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=IDENTITY + ["epoch"])
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=[*IDENTITY, "epoch"])
 
 
 def load_measures(measure_files: Sequence[Path]) -> pd.DataFrame:
@@ -109,35 +109,34 @@ def _ordered(values: Iterable[str], known: dict[str, str]) -> list[str]:
 def cell_table(cells: pd.DataFrame, measures: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
     """One row per cell: its record, its model's measure, the paper's figure, and the paired
     difference to the unmasked cell of the same dataset, model and seed."""
-    table = cells.copy()
     # A cell's measure is the one of its model and mask with the same parameter count: that pins
     # its image size and class count without the workflow passing them.
-    table = table.merge(
-        measures.rename(columns={"params": "measured_params"}),
-        left_on=["model", "mask", "params"], right_on=["model", "mask", "measured_params"], how="left",
-    ).drop(columns="measured_params")
+    by_params = measures.sort_values(["img_size", "num_classes"]) \
+        .drop_duplicates(["model", "mask", "params"])
+    table = cells.merge(by_params, on=["model", "mask", "params"], how="left")
     base = table[table["mask"] == "none"].set_index(["recipe", "dataset", "model", "seed"])
     key = pd.MultiIndex.from_frame(table[["recipe", "dataset", "model", "seed"]])
     for metric in ("best_top1", "last_top1"):
-        table[f"{metric}_vs_none"] = table[metric].to_numpy() - base[metric].reindex(key).to_numpy()
+        # rounded as the records are (4 decimals), so the CSV shows 1.41, not 1.4099999999999966
+        paired = table[metric].to_numpy() - base[metric].reindex(key).to_numpy()
+        table[f"{metric}_vs_none"] = paired.round(4)
     paper = reference[["model", "mask", "dataset", "paper_top1"]]
     table = table.merge(paper, on=["model", "mask", "dataset"], how="left")
     paper_none = paper[paper["mask"] == "none"].set_index(["model", "dataset"])["paper_top1"]
-    table["paper_vs_none"] = table["paper_top1"].to_numpy() - paper_none.reindex(
-        pd.MultiIndex.from_frame(table[["model", "dataset"]])).to_numpy()
+    table["paper_vs_none"] = (table["paper_top1"].to_numpy() - paper_none.reindex(
+        pd.MultiIndex.from_frame(table[["model", "dataset"]])).to_numpy()).round(4)
+    if "recipe_config" in table:  # one JSON string per row, last: tidy, and still the whole recipe
+        table["recipe_config"] = table.pop("recipe_config").map(
+            lambda r: json.dumps(r, sort_keys=True) if isinstance(r, dict) else r)
     first = IDENTITY + ["best_top1", "best_epoch", "last_top1", "epochs", "best_top1_vs_none",
                         "last_top1_vs_none", "paper_top1", "paper_vs_none", "params", "mask_params",
                         "macs_all", "macs_paper", "depth", "img_size", "num_classes"]
-    rest = [c for c in table.columns if c not in first and c != "recipe_config"]
-    table["recipe_config"] = [json.dumps(r, sort_keys=True) if isinstance(r, dict) else r
-                              for r in table.get("recipe_config", [None] * len(table))]
-    ordered = table[[c for c in first if c in table.columns] + rest + ["recipe_config"]]
-    models, masks = _ordered(ordered["model"], MODEL_NAMES), _ordered(ordered["mask"], MASK_NAMES)
-    datasets = list(dict.fromkeys(ordered["dataset"]))
-    order = ordered.assign(_d=ordered["dataset"].map(datasets.index), _m=ordered["model"].map(models.index),
-                           _k=ordered["mask"].map(masks.index))
-    return order.sort_values(["recipe", "_d", "_m", "_k", "seed"]).drop(columns=["_d", "_m", "_k"]) \
-        .reset_index(drop=True)
+    table = table[[c for c in first if c in table] + [c for c in table if c not in first]]
+    rank = {"dataset": list(dict.fromkeys(table["dataset"])),
+            "model": _ordered(table["model"], MODEL_NAMES), "mask": _ordered(table["mask"], MASK_NAMES)}
+    return table.sort_values(
+        IDENTITY, key=lambda col: col.map(rank[col.name].index) if col.name in rank else col
+    ).reset_index(drop=True)
 
 
 # ---------------------------------------------------------------- markdown
@@ -182,7 +181,8 @@ def _shape_measure(measures: pd.DataFrame, model: str, mask: str) -> pd.Series |
     if rows.empty:
         return None
     at_reference = rows[(rows["img_size"] == REFERENCE_SHAPE[0]) & (rows["num_classes"] == REFERENCE_SHAPE[1])]
-    return (at_reference if not at_reference.empty else rows.sort_values(["img_size", "num_classes"])).iloc[0]
+    return (at_reference if not at_reference.empty else rows.sort_values(["img_size", "num_classes"])) \
+        .iloc[0]
 
 
 def results_frame(table: pd.DataFrame, measures: pd.DataFrame, reference: pd.DataFrame,
@@ -213,7 +213,8 @@ def results_frame(table: pd.DataFrame, measures: pd.DataFrame, reference: pd.Dat
                     if (dataset, model, mask) in paper.index:
                         value = paper.loc[(dataset, model, mask), "paper_top1"]
                         delta = value - paper_none.get((dataset, model), float("nan"))
-                        row[f"{column} (paper)"] = f"{value:.2f}" + (_fmt_delta(delta) if mask != "none" else "")
+                        row[f"{column} (paper)"] = f"{value:.2f}" + (
+                            _fmt_delta(delta) if mask != "none" else "")
                     else:
                         row[f"{column} (paper)"] = "—"
             m = _shape_measure(measures, model, mask)
@@ -235,8 +236,9 @@ def _unique(values: Iterable) -> str:
 def header(table: pd.DataFrame, grid: str | None, measures: pd.DataFrame) -> list[str]:
     """What was run and on what, read from the records."""
     lines = [f"Grid: `{grid}`. " if grid else ""]
-    lines[0] += (f"{len(table)} cells: datasets {_unique(table['dataset'])}; models {_unique(table['model'])}; "
-                 f"masks {_unique(table['mask'])}; seeds {_unique(table['seed'])}.")
+    lines[0] += (f"{len(table)} cells: datasets {_unique(table['dataset'])}; "
+                 f"models {_unique(table['model'])}; masks {_unique(table['mask'])}; "
+                 f"seeds {_unique(table['seed'])}.")
     recipes = pd.DataFrame([json.loads(r) for r in table["recipe_config"]], index=table.index) \
         if "recipe_config" in table and table["recipe_config"].notna().all() else pd.DataFrame()
     recipe_line = f"Recipe: `{_unique(table['recipe'])}`"
@@ -249,10 +251,11 @@ def header(table: pd.DataFrame, grid: str | None, measures: pd.DataFrame) -> lis
     lines.append(recipe_line + ".")
     versions = "; ".join(f"{name} {_unique(table[f'{name}_version'])}"
                          for name in ("torch", "timm", "gmmvit", "python") if f"{name}_version" in table)
-    lines.append(f"Hardware: device {_unique(table.get('device', []))}, threads {_unique(table.get('threads', []))}; "
+    lines.append(f"Hardware: device {_unique(table['device'])}, threads {_unique(table['threads'])}; "
                  f"{versions}. Training wall time {table['wall_time_s'].sum() / 60:.1f} min over all cells, "
                  f"median {table['train_images_per_s'].median():.0f} training images/s per cell.")
-    at_reference = ((measures["img_size"] == REFERENCE_SHAPE[0]) & (measures["num_classes"] == REFERENCE_SHAPE[1])).any()
+    at_reference = ((measures["img_size"] == REFERENCE_SHAPE[0])
+                    & (measures["num_classes"] == REFERENCE_SHAPE[1])).any()
     lines.append(
         "Cells: mean ± std over seeds (n) where there are several seeds; [+x.xx] is the difference of "
         "the mean to the unmasked model of the same family. Params and MACs "
@@ -271,8 +274,9 @@ def write_tables(table: pd.DataFrame, measures: pd.DataFrame, reference: pd.Data
                   "gmmvit/reference/paper_table.csv), single seed.")
     best = results_frame(table, measures, reference, "best_top1", with_paper=True)
     last = results_frame(table, measures, reference, "last_top1", with_paper=False)
+    has_paper = any(c.endswith("(paper)") for c in best.columns)
     (out_dir / "table.md").write_text(
-        "# Test top-1 (%) at the best epoch\n\n" + "\n\n".join(head + [paper_note]) + "\n\n"
+        "# Test top-1 (%) at the best epoch\n\n" + "\n\n".join(head + [paper_note] * has_paper) + "\n\n"
         + _markdown(best) + "\n")
     (out_dir / "table_last.md").write_text(
         "# Test top-1 (%) at the last epoch\n\n" + "\n\n".join(head) + "\n\nThe paper reports the best "
@@ -334,8 +338,8 @@ def write_plots(table: pd.DataFrame, histories: pd.DataFrame, out_dir: Path) -> 
     else:
         grid = sns.catplot(data=deltas, kind="bar", x="Model", y="best_top1_vs_none", hue="Mask",
                            col="Dataset", col_wrap=min(4, deltas["Dataset"].nunique()), order=models,
-                           hue_order=[m for m in masks if m != "none"], palette=palette, errorbar="sd", sharey=False,
-                           height=3.5, aspect=1.2)
+                           hue_order=[m for m in masks if m != "none"], palette=palette, errorbar="sd",
+                           sharey=False, height=3.5, aspect=1.2)
         for ax in grid.axes.flat:
             ax.axhline(0, color="black", linewidth=0.8)
         grid.set_axis_labels("", "mask − none, top-1 (points)").set_titles("{col_name}")
@@ -347,9 +351,9 @@ def write_plots(table: pd.DataFrame, histories: pd.DataFrame, out_dir: Path) -> 
         _placeholder(plots / "learning_curves.png", "No history.csv beside the records.")
     else:
         curves = _labelled(histories)
-        grid = sns.relplot(data=curves, kind="line", x="epoch", y="test_top1", hue="Mask", hue_order=masks, palette=palette,
-                           row="Dataset", col="Model", col_order=models, errorbar="sd", height=2.6,
-                           aspect=1.2, facet_kws={"sharey": "row", "margin_titles": True})
+        grid = sns.relplot(data=curves, kind="line", x="epoch", y="test_top1", hue="Mask", hue_order=masks,
+                           palette=palette, row="Dataset", col="Model", col_order=models, errorbar="sd",
+                           height=2.6, aspect=1.2, facet_kws={"sharey": "row", "margin_titles": True})
         grid.set_axis_labels("epoch", "test top-1 (%)").set_titles(row_template="{row_name}",
                                                                    col_template="{col_name}")
         grid.savefig(plots / "learning_curves.png", dpi=100)
@@ -371,7 +375,8 @@ def write_plots(table: pd.DataFrame, histories: pd.DataFrame, out_dir: Path) -> 
             lo = min(ax.get_xlim()[0], ax.get_ylim()[0])
             hi = max(ax.get_xlim()[1], ax.get_ylim()[1])
             ax.plot([lo, hi], [lo, hi], color="grey", linewidth=0.8, linestyle="--")
-        grid.set_axis_labels("paper's best-epoch top-1 (%)", "ours, mean over seeds (%)").set_titles("{col_name}")
+        grid.set_axis_labels("paper's best-epoch top-1 (%)", "ours, mean over seeds (%)")
+        grid.set_titles("{col_name}")
         grid.savefig(plots / "vs_paper.png", dpi=100)
         plt.close(grid.figure)
 

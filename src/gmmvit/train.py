@@ -206,11 +206,18 @@ def train_cell(
                         pin_memory=device.type == "cuda")
     test_tf = eval_transform(data.mean, data.std)
 
-    # ---- resume
+    # ---- resume, only an unfinished run of this very cell and recipe
+    cell_id = [cell.dataset, cell.model, cell.mask, cell.seed]
     start_epoch, history, wall_before = 0, [], 0.0
     ckpt_path = out / "checkpoint.pt"
-    if ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+    state = torch.load(ckpt_path, map_location=device, weights_only=False) if ckpt_path.exists() else None
+    if state is not None and (state.get("recipe") != recipe.to_dict() or state.get("cell") != cell_id
+                              or state["epoch"] >= recipe.epochs):
+        # Left by another recipe, another cell, or a finished run that is being redone (e.g. the
+        # code changed): resuming from it would return stale numbers.
+        log(f"ignoring {ckpt_path}: it is from a finished run or another cell/recipe; starting afresh")
+        state = None
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -277,7 +284,7 @@ def train_cell(
                 "scheduler": scheduler.state_dict(), "rng_cpu": torch.get_rng_state(),
                 "rng_shuffle": shuffle.get_state(),
                 "rng_cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None,
-                "epoch": epoch + 1, "history": history,
+                "epoch": epoch + 1, "history": history, "cell": cell_id,
                 "wall_time_s": wall_before + time.perf_counter() - started,
                 "recipe": recipe.to_dict(),
             },

@@ -127,18 +127,15 @@ def report_plots() -> list[str]:
     return [results(f"plots/{name}.png") for name in PLOTS]
 
 
-def prepared_markers() -> dict[str, str]:
-    """Marker path (written by `gmmvit prepare` when the data is complete) -> dataset."""
-    return {
-        f"{dataset_root(name)}/{info['prepared']}": name
-        for name, info in config["datasets"].items()
-        if info.get("prepared")
-    }
-
-
 def prepared_marker(dataset: str) -> str | None:
+    """The file `gmmvit prepare` writes last, once the data is complete; None: nothing to download."""
     info = config["datasets"][dataset]
-    return f"{dataset_root(dataset)}/{info['prepared']}" if info.get("prepared") else None
+    return str(Path(dataset_root(dataset), info["prepared"])) if info.get("prepared") else None
+
+
+def prepared_markers() -> dict[str, str]:
+    """Marker -> dataset, for every downloadable dataset of the config."""
+    return {marker: name for name in config["datasets"] if (marker := prepared_marker(name))}
 
 
 def measure_files() -> list[str]:
@@ -167,7 +164,7 @@ def src_files(*patterns: str) -> list[str]:
     for pattern in patterns:
         found = sorted(str(p) for p in root.glob(pattern))
         if not found:
-            raise ValueError(f"config src_dir: {root} has no {pattern} (is src_dir the gmmvit package folder?)")
+            raise ValueError(f"config src_dir: {root} has no {pattern} (is it the gmmvit package folder?)")
         files += found
     return files
 
@@ -181,7 +178,3 @@ def train_inputs(wildcards) -> dict[str, Any]:
         # ancient: preparing the data again (same files, new marker) must not retrain every cell
         inputs["data"] = ancient(marker)
     return inputs
-
-
-def train_resources(key: str):
-    return config["resources"]["train"].get(key, 0)

@@ -22,13 +22,14 @@ rule train:
         seed=r"\d+",
     threads: config["resources"]["train"]["threads"]
     resources:
-        mem_mb=train_resources("mem_mb"),
-        runtime=train_resources("runtime"),
-        gpu=train_resources("gpu"),
+        mem_mb=config["resources"]["train"]["mem_mb"],
+        runtime=config["resources"]["train"]["runtime"],
+        gpu=config["resources"]["train"].get("gpu", 0),  # 0: a CPU job (SLURM asks for no GPU)
     conda:
         "../../envs/gmmvit.yaml"
     shell:
         "gmmvit train --dataset {wildcards.dataset} --model {wildcards.model} --mask {wildcards.mask}"
-        " --seed {wildcards.seed} --recipe {params.base} --overrides {params.overrides:q}"
+        " --seed {wildcards.seed} --recipe {params.base} --recipe-name {wildcards.recipe}"
+        " --overrides {params.overrides:q}"
         " --data-root {params.data_root:q} --threads {threads} --out {params.out_dir:q}"
         " > {log:q} 2>&1"

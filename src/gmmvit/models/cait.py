@@ -21,29 +21,9 @@ import torch
 from timm.layers import DropPath, LayerScale, Mlp
 from torch import Tensor, nn
 
-from ..attention import MaskedAttention
+from ..attention import HeadMix, MaskedAttention
 from . import register_model
 from .common import check_divides, official_init
-
-
-class HeadMix(nn.Module):
-    """Talking-heads mixing over the last axis (heads): x @ W, W (H, H) ~ N(0, 1), no bias.
-
-    A plain Parameter as in the official code (MaskedAttention's default is an nn.Linear with a
-    bias, which would add 2 * H parameters per layer and be counted by the paper-convention hooks).
-    """
-
-    def __init__(self, num_heads: int) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(num_heads, num_heads))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x @ self.weight
-
-
-def _mix(x: Tensor, mix: HeadMix) -> Tensor:
-    """Mix a (B, H, I, J) tensor across its heads."""
-    return mix(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
 def layer_scale_value(index: int) -> float:
@@ -94,7 +74,6 @@ class TalkingHeadsBlock(nn.Module):
             talking_heads=True,
             mask=mask,
         )
-        self.attn.proj_l, self.attn.proj_w = HeadMix(num_heads), HeadMix(num_heads)
         self.ls1 = LayerScale(dim, init_value)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, mlp_hidden_dim)
@@ -124,8 +103,8 @@ class ClassAttention(nn.Module):
         q = self.q(cls).reshape(B, 1, self.num_heads, self.head_dim).transpose(1, 2)
         kv = self.kv(context).reshape(B, N, 2, self.num_heads, self.head_dim)
         k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
-        logits = _mix((q * self.scale) @ k.transpose(-2, -1), self.mix_pre)  # (B, H, 1, N)
-        attn = _mix(logits.softmax(dim=-1), self.mix_post)
+        logits = self.mix_pre((q * self.scale) @ k.transpose(-2, -1))  # (B, H, 1, N)
+        attn = self.mix_post(logits.softmax(dim=-1))
         return self.proj((attn @ v).transpose(1, 2).reshape(B, 1, self.inner_dim))
 
 
