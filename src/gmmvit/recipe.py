@@ -88,7 +88,7 @@ BUILTIN_RECIPES: dict[str, Recipe] = {
     "demo": Recipe(
         epochs=3,
         passes_per_epoch=1,
-        batch_size=32,  # more steps per image: what short runs need most
+        batch_size=16,  # more steps per image: what short runs need most (measured, see README)
         lr=1e-3,
         warmup_epochs=0.5,
         grad_clip=1.0,  # keeps the multiplicative masks' early steps bounded
