@@ -53,7 +53,7 @@ class MaskedWindowAttention(MaskedAttention):
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """x: (B * windows, N, dim). mask: the shifted-window mask (windows, N, N) of 0 / -100 that
-        timm's block passes by this name (MaskedAttention.forward would swallow it silently)."""
+        timm's block passes by this name."""
         bias = self.relative_position_bias()[None]
         if mask is not None:
             # Windows are batch-major (b * windows + w): tile the per-window bias over the batch.
