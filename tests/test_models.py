@@ -143,3 +143,18 @@ def test_image_size_not_divisible_names_both_numbers(name):
     with pytest.raises(ValueError) as err:
         build_model(name, img_size=30)
     assert re.search(r"\b30\b.*not divisible by .*\b\d+\b", str(err.value)), str(err.value)
+
+
+def test_measure_command_prints_the_counts(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "m.json"
+    run = subprocess.run([sys.executable, "-m", "gmmvit.cli", "measure", "--model", "vit", "--mask", "gmm",
+                          "--mask-kernels", "3", "--out", str(out)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    record = json.loads(out.read_text())
+    assert json.loads(run.stdout) == record
+    assert record["params"] == 2_692_042 + 9 * 2 * 3 * 12 and record["mask_params"] == 9 * 2 * 3 * 12
+    assert record["macs_paper"] == 170_923_018 and record["depth"] == 9

@@ -12,7 +12,9 @@ def _measure(args: argparse.Namespace) -> int:
     from .complexity import measure
     from .train import atomic_write_bytes
 
-    record = measure(args.model, args.mask, img_size=args.img_size, num_classes=args.num_classes)
+    mask_kwargs = {"num_kernels": args.mask_kernels} if args.mask == "gmm" else None
+    record = measure(args.model, args.mask, img_size=args.img_size, num_classes=args.num_classes,
+                     mask_kwargs=mask_kwargs)
     text = json.dumps(record, indent=2) + "\n"
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -58,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask", default="none", choices=mask_names())
     p.add_argument("--img-size", type=int, default=32)
     p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--mask-kernels", type=int, default=5, help="K of the GMM mask")
     p.add_argument("--out", help="also write the JSON to this file")
     p.set_defaults(func=_measure)
 

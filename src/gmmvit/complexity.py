@@ -94,4 +94,4 @@ def measure(model: str, mask: str = "none", img_size: int = 32, num_classes: int
         "macs_all": macs_all_operators(net, img_size),
         "macs_paper": macs_paper_convention(net, img_size),
         "depth": net.paper_depth,
-    }
+    } | ({"mask_kwargs": kwargs["mask_kwargs"]} if kwargs.get("mask_kwargs") else {})
