@@ -94,8 +94,8 @@ def main() -> None:
             times[key].append(step())
     mm_rate = 2 * 2048**3 / statistics.median(mm)
     print(f"matmul 2048^2 float32: {mm_rate / 1e9:.1f} GFLOP/s (median of {args.repeats})\n")
-    print(f"| model | mask | step s | images/s | vs none | train GFLOP/s | of matmul |")
-    print(f"|---|---|---|---|---|---|---|")
+    print("| model | mask | step s | images/s | vs none | train GFLOP/s | of matmul |")
+    print("|---|---|---|---|---|---|---|")
     for (m, k), ts in times.items():
         t = statistics.median(ts)
         base = statistics.median(times[(m, args.masks[0])])

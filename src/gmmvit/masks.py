@@ -42,7 +42,6 @@ def register_mask(name: str) -> Callable[[type[LocalityMask]], type[LocalityMask
         if name in MASKS:
             raise ValueError(f"mask {name!r} is registered twice")
         MASKS[name] = cls
-        cls.name = name
         return cls
 
     return add
@@ -62,7 +61,6 @@ def grid_offsets(grid: int) -> tuple[Tensor, Tensor]:
 class LocalityMask(nn.Module):
     """Base class: holds the layer's squared patch distances ``d2`` (N, N) and its head count."""
 
-    name: str = "?"
     combine: Literal["mul", "add"]
 
     def __init__(self, grid: int, num_heads: int) -> None:
@@ -71,7 +69,6 @@ class LocalityMask(nn.Module):
         dy, dx = grid_offsets(grid)
         # Non-persistent: derived from the grid, so checkpoints stay independent of it.
         self.register_buffer("d2", (dy**2 + dx**2).float(), persistent=False)
-        self.register_buffer("manhattan", (dy.abs() + dx.abs()).float(), persistent=False)
 
     @property
     def num_tokens(self) -> int:
@@ -139,9 +136,9 @@ class ManhattanDecayMask(LocalityMask):
         super().__init__(grid, num_heads)
         heads = torch.arange(num_heads, dtype=torch.float64)
         log_gamma = torch.log1p(-(2.0 ** -(a + b * heads / num_heads)))
-        self.register_buffer(
-            "bias", (log_gamma[:, None, None] * self.manhattan.double()).float(), persistent=False
-        )
+        dy, dx = grid_offsets(grid)
+        manhattan = (dy.abs() + dx.abs()).double()
+        self.register_buffer("bias", (log_gamma[:, None, None] * manhattan).float(), persistent=False)
 
     def forward(self) -> Tensor:
         return self.bias

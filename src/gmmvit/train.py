@@ -25,6 +25,7 @@ import timm
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torchvision.transforms.v2.functional import resize
 from tqdm import tqdm
 
 from . import __version__
@@ -119,13 +120,6 @@ class AugmentedImages(Dataset):
             torch.set_num_threads(threads)
 
 
-def resize_images(images: Tensor, size: int) -> Tensor:
-    if images.shape[-1] == size:
-        return images
-    out = nn.functional.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True)
-    return out.round().clamp(0, 255).to(torch.uint8)
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, images: Tensor, labels: Tensor, transform, batch_size: int,
              device: torch.device) -> tuple[float, float]:
@@ -182,7 +176,8 @@ def train_cell(
         train_x, train_y = train_x[: recipe.limit_train], train_y[: recipe.limit_train]
     if recipe.limit_test:
         test_x, test_y = test_x[: recipe.limit_test], test_y[: recipe.limit_test]
-    train_x, test_x = resize_images(train_x, img_size), resize_images(test_x, img_size)
+    if img_size != data.img_size:  # the recipe's img_size: resize once, in memory
+        train_x, test_x = (resize(x, [img_size, img_size], antialias=True) for x in (train_x, test_x))
 
     # ---- model, optimisation (seeded: the same seed gives the same run)
     torch.manual_seed(cell.seed)

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from ..attention import HeadMix, MaskedAttention
 from . import register_model
-from .common import check_divides, official_init
+from .common import official_init, resolve_patch_size
 
 
 def layer_scale_value(index: int) -> float:
@@ -204,10 +204,7 @@ def cait(
     tokens_per_side: int = 8,
 ) -> nn.Module:
     # The paper keeps an 8x8 token grid: patch 4 at 32 px, patch 8 at 64 px.
-    if patch_size is None:
-        check_divides("image size", img_size, tokens_per_side, "token grid side")
-        patch_size = img_size // tokens_per_side
-    check_divides("image size", img_size, patch_size, "patch size")
+    patch_size = resolve_patch_size(img_size, patch_size, tokens_per_side)
     model = CaiT(
         mask_factory,
         img_size=img_size,

@@ -12,6 +12,16 @@ def check_divides(what: str, size: int, divisor: int, divisor_name: str) -> None
         raise ValueError(f"{what} {size} is not divisible by the {divisor_name} {divisor}")
 
 
+def resolve_patch_size(img_size: int, patch_size: int | None, tokens_per_side: int) -> int:
+    """The patch size: given, or the one that keeps the paper's fixed token grid (tokens_per_side
+    patches a side at any image size); either way it must divide the image."""
+    if patch_size is None:
+        check_divides("image size", img_size, tokens_per_side, "token grid side")
+        patch_size = img_size // tokens_per_side
+    check_divides("image size", img_size, patch_size, "patch size")
+    return patch_size
+
+
 def official_init(model: nn.Module, embeddings: list[nn.Parameter] = ()) -> None:
     """The initialisation of the official ViT / PiT / CaiT: xavier-normal Linear and Conv weights,
     zero biases, LayerNorm (1, 0), and position embeddings / class tokens drawn from N(0, 1).

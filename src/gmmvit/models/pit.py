@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ..attention import MaskedAttention
 from . import register_model
-from .common import check_divides, official_init, share_drop_path
+from .common import official_init, resolve_patch_size, share_drop_path
 
 
 class OfficialPiT(PoolingVisionTransformer):
@@ -59,10 +59,7 @@ def pit(
     tokens_per_side: int = 16,
 ) -> OfficialPiT:
     # The paper keeps a 16x16 token grid: patch 2 at 32 px, patch 4 at 64 px.
-    if patch_size is None:
-        check_divides("image size", img_size, tokens_per_side, "token grid side")
-        patch_size = img_size // tokens_per_side
-    check_divides("image size", img_size, patch_size, "patch size")
+    patch_size = resolve_patch_size(img_size, patch_size, tokens_per_side)
 
     model = OfficialPiT(
         img_size=img_size,

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from ..attention import MaskedAttention
 from ..masks import LocalityMask
 from . import register_model
-from .common import check_divides
+from .common import check_divides, resolve_patch_size
 
 
 class MaskedWindowAttention(MaskedAttention):
@@ -97,10 +97,7 @@ def swin(
     tokens_per_side: int = 16,
 ) -> SwinTransformer:
     # The paper keeps a 16x16 token grid: patch 2 at 32 px, patch 4 at 64 px.
-    if patch_size is None:
-        check_divides("image size", img_size, tokens_per_side, "token grid side")
-        patch_size = img_size // tokens_per_side
-    check_divides("image size", img_size, patch_size, "patch size")
+    patch_size = resolve_patch_size(img_size, patch_size, tokens_per_side)
     grid = img_size // patch_size
     # Each patch merging halves the grid; a stage wider than the window must tile into whole windows
     # (timm would pad silently). A stage narrower than the window gets one window of its own size.

@@ -12,7 +12,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 
 from ..attention import MaskedAttention
 from . import register_model
-from .common import check_divides, official_init, share_drop_path
+from .common import official_init, resolve_patch_size, share_drop_path
 
 
 class MaskedBlock(Block):
@@ -42,10 +42,7 @@ def vit(
     tokens_per_side: int = 8,
 ):
     # The paper keeps an 8x8 token grid: patch 4 at 32 px, patch 8 at 64 px.
-    if patch_size is None:
-        check_divides("image size", img_size, tokens_per_side, "token grid side")
-        patch_size = img_size // tokens_per_side
-    check_divides("image size", img_size, patch_size, "patch size")
+    patch_size = resolve_patch_size(img_size, patch_size, tokens_per_side)
     grid = img_size // patch_size
     model = VisionTransformer(
         img_size=img_size,
