@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gmmvit.attention import MaskedAttention
-from gmmvit.complexity import macs_paper_convention, measure
+from gmmvit.complexity import macs_by_operator, macs_paper_convention, measure
 from gmmvit.masks import GaussianMixtureMask, LocalityMask
 from gmmvit.models import MODELS, build_model
 
@@ -38,8 +38,29 @@ def test_counts_match_the_paper(name):
     assert record["params"] == pytest.approx(OFFICIAL_PARAMS[name], rel=0.001)
     assert record["macs_paper"] == pytest.approx(macs, rel=0.01)
     assert record["depth"] == depth
-    # fvcore also counts the attention products, which the paper convention leaves out
-    assert record["macs_all"] > record["macs_paper"] * 0.9
+
+
+# q.k^T and attn.v at 32x32: 2 * heads * queries * keys * head_dim per attention, summed by hand
+ATTENTION_PRODUCTS = {
+    "vit": 9 * 2 * 12 * 64 * 64 * 16,  # 8x8 patches, no class token (GAP head)
+    "swin": (2 * 2 * 16 * 3 * 16 * 16 * 32  # windows of 4x4 tokens: 16 windows at 16x16, 3 heads
+             + 6 * 2 * 4 * 6 * 16 * 16 * 32  # 4 windows at 8x8, 6 heads
+             + 4 * 2 * 1 * 12 * 16 * 16 * 32),  # 1 window at 4x4, 12 heads; head dim 32 throughout
+    "pit": (2 * 2 * 2 * 257**2 * 48  # 16x16 tokens + the class token, 2 heads of 48
+            + 6 * 2 * 4 * 65**2 * 48 + 4 * 2 * 8 * 17**2 * 48),
+}
+
+
+@pytest.mark.parametrize("name", list(ATTENTION_PRODUCTS))
+def test_fvcore_counts_the_attention_products_exactly(name):
+    # fvcore drops an operator it has no handle for, so without ours the fused path would count 0
+    fused = macs_by_operator(build_model(name).eval(), 32)
+    assert fused["scaled_dot_product_attention"] == ATTENTION_PRODUCTS[name]
+    # the GMM mask takes the explicit path: fvcore's own matmul count must agree with our handle
+    explicit = macs_by_operator(build_model(name, mask="gmm").eval(), 32)
+    assert "scaled_dot_product_attention" not in explicit
+    assert explicit["matmul"] == ATTENTION_PRODUCTS[name]
+    assert sum(fused.values()) == sum(explicit.values())  # and so the same macs_all
 
 
 @pytest.mark.parametrize("name", list(PAPER))
@@ -158,3 +179,30 @@ def test_measure_command_prints_the_counts(tmp_path):
     assert json.loads(run.stdout) == record
     assert record["params"] == 2_692_042 + 9 * 2 * 3 * 12 and record["mask_params"] == 9 * 2 * 3 * 12
     assert record["macs_paper"] == 170_923_018 and record["depth"] == 9
+
+
+# The official ViT and CaiT embed patches with a Linear(patch*patch*3, dim), xavier-normal:
+# std sqrt(2 / (fan_in + fan_out)) over THAT Linear's fans, whatever module computes it here.
+@pytest.mark.parametrize("name,dim", [("vit", 192), ("cait", 108)])
+@pytest.mark.parametrize("img_size", [32, 64])
+def test_patch_embedding_std_is_the_official_linears(name, dim, img_size):
+    torch.manual_seed(0)
+    model = build_model(name, img_size=img_size)
+    weight = model.patch_embed.proj.weight
+    patch = img_size // 8
+    official_std = (2.0 / (patch * patch * 3 + dim)) ** 0.5  # 0.091 at patch 4
+    assert weight.std().item() == pytest.approx(official_std, rel=0.05)
+    assert not model.patch_embed.proj.bias.any()
+
+
+def test_t2t_position_table_is_the_official_float64_table():
+    import numpy as np
+
+    from gmmvit.models.t2t import sinusoid_table
+
+    n, dim = 64, 256
+    position = np.arange(n)[:, None].astype(np.float64)
+    channel = np.arange(dim)
+    angle = position / np.power(10000, 2 * (channel // 2) / dim)  # numpy: float64 throughout
+    official = np.where(channel % 2 == 0, np.sin(angle), np.cos(angle)).astype(np.float32)
+    assert torch.equal(sinusoid_table(n, dim)[0], torch.from_numpy(official))

@@ -1,4 +1,12 @@
-"""Parameters and MACs of a model: fvcore over all operators, and the paper's module-hook convention."""
+"""Parameters and MACs of a model: fvcore's operator count, and the paper's module-hook convention.
+
+fvcore counts, per image, the multiply-accumulates of Linear layers, convolutions and matrix products
+(matmul, bmm, mm, addmm, einsum; biases not counted), the attention products q.k^T and attn.v
+(through our handle of scaled_dot_product_attention, which fvcore lacks), norms at fvcore's rough
+estimate of 5 per element with an affine (4 without), and 1 per input element of upsampling and
+adaptive average pooling. It skips softmax, activations (GELU), residual additions and every other
+element-wise operation (the masks' arithmetic included); the JSON key ``macs_all`` holds that total.
+"""
 
 from __future__ import annotations
 
@@ -30,13 +38,21 @@ def _sdpa_macs(inputs, outputs) -> int:
     return batch * q[-2] * k[-2] * (q[-1] + v[-1])
 
 
-def macs_all_operators(model: nn.Module, img_size: int) -> int:
-    """MACs of one image through every operator fvcore knows, attention products included."""
+def macs_by_operator(model: nn.Module, img_size: int) -> dict[str, int]:
+    """fvcore's MACs of one image per operator kind (``linear``, ``conv``, ``matmul``,
+    ``layer_norm``, ``scaled_dot_product_attention``, ...); the operators fvcore skips (module
+    docstring) are absent."""
     x = torch.zeros(1, 3, img_size, img_size)
     analysis = FlopCountAnalysis(model, x)
     analysis.set_op_handle("aten::scaled_dot_product_attention", _sdpa_macs)
     analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-    return int(analysis.total())
+    return {op: int(macs) for op, macs in analysis.by_operator().items()}
+
+
+def macs_all_operators(model: nn.Module, img_size: int) -> int:
+    """fvcore's MACs of one image: the operators it counts, attention products included (module
+    docstring); not softmax, activations or other element-wise operations."""
+    return sum(macs_by_operator(model, img_size).values())
 
 
 def macs_paper_convention(model: nn.Module, img_size: int) -> int:
@@ -82,7 +98,8 @@ def macs_paper_convention(model: nn.Module, img_size: int) -> int:
 
 
 def measure(model: str, mask: str = "none", img_size: int = 32, num_classes: int = 10, **kwargs) -> dict:
-    """One flat record: trainable parameters, MACs both ways, depth as the paper counts it."""
+    """One flat record: trainable parameters, MACs both ways (``macs_all``: fvcore's count, see the
+    module docstring; ``macs_paper``: the paper's convention), depth as the paper counts it."""
     net = build_model(model, mask=mask, img_size=img_size, num_classes=num_classes, **kwargs).eval()
     return {
         "model": model,

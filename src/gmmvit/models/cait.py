@@ -1,4 +1,7 @@
-"""CaiT for small datasets ("cait-tiny" of the SPT/LSA code), written on timm layers.
+"""CaiT for small datasets, written on timm layers: the official code's ``cait-tiny`` configuration.
+
+gmmvit's ``cait`` is what the official code calls ``cait-tiny`` (dim 108, 5.1M parameters: the
+model of the paper's table), not its ``cait`` (dim 192), which the paper does not report.
 
 dim 108, 24 patch self-attention layers then 2 class-attention layers, 4 heads of 64 (inner width
 256), MLP hidden 384, talking heads, LayerScale, no class token in the patch layers:
@@ -203,6 +206,7 @@ def cait(
     drop_path_rate: float = 0.1,
     tokens_per_side: int = 8,
 ) -> nn.Module:
+    """The official ``cait-tiny`` (not the official ``cait``, dim 192): dim 108, 5.1M parameters."""
     # The paper keeps an 8x8 token grid: patch 4 at 32 px, patch 8 at 64 px.
     patch_size = resolve_patch_size(img_size, patch_size, tokens_per_side)
     model = CaiT(

@@ -41,6 +41,21 @@ def official_init(model: nn.Module, embeddings: list[nn.Parameter] = ()) -> None
             p.normal_(0.0, 1.0)
 
 
+def init_as_linear_patch_embed(conv: nn.Conv2d) -> None:
+    """Xavier-normal as the official ViT's Linear over flattened (p1 p2 c) patches would draw it.
+
+    A Conv2d with kernel = stride = patch computes the same map, but xavier reads the conv weight's
+    own fans (in*p*p, out*p*p): at patch 4, dim 192 that is std 0.025 against the Linear's 0.091.
+    The draw is i.i.d., so the Linear's (p1 p2 c) input order does not matter.
+    """
+    fan_in = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+    std = (2.0 / (fan_in + conv.out_channels)) ** 0.5
+    with torch.no_grad():
+        conv.weight.normal_(0.0, std)
+        if conv.bias is not None:
+            conv.bias.zero_()
+
+
 def share_drop_path(model: nn.Module, rate: float) -> None:
     """The official ViT / PiT / CaiT use one DropPath of constant rate in every block (no ramp):
     replace every DropPath (or its Identity placeholder named drop_path*) with one shared module."""

@@ -31,9 +31,10 @@ from .vit import MaskedBlock
 
 def sinusoid_table(n_position: int, dim: int) -> Tensor:
     """T2T-ViT's fixed (1, n_position, dim) position table: sin on even, cos on odd channels."""
+    # All in float64 as the official numpy table (a float32 exponent leaves it 2e-6 off), then cast.
     position = torch.arange(n_position, dtype=torch.float64)[:, None]
-    channel = torch.arange(dim)
-    angle = position / 10000.0 ** (2 * (channel // 2) / dim)
+    channel = torch.arange(dim, dtype=torch.float64)
+    angle = position / 10000.0 ** (2 * torch.div(channel, 2, rounding_mode="floor") / dim)
     table = torch.where(channel % 2 == 0, angle.sin(), angle.cos())
     return table.float()[None]
 

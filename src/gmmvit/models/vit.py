@@ -12,7 +12,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 
 from ..attention import MaskedAttention
 from . import register_model
-from .common import official_init, resolve_patch_size, share_drop_path
+from .common import init_as_linear_patch_embed, official_init, resolve_patch_size, share_drop_path
 
 
 class MaskedBlock(Block):
@@ -58,6 +58,7 @@ def vit(
         block_fn=partial(MaskedBlock, mask_factory=mask_factory, grid=grid),
     )
     official_init(model, [model.pos_embed])
+    init_as_linear_patch_embed(model.patch_embed.proj)  # the official embedding is a Linear
     share_drop_path(model, drop_path_rate)
     model.paper_depth = depth
     return model
