@@ -12,14 +12,17 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+
+from gmmvit.train import source_hash
 
 GMMVIT = [sys.executable, "-m", "gmmvit.cli"]
 
 
 def train(out: Path, *sets: str, model: str = "vit", mask: str = "gmm", recipe: str = "smoke",
-          wait: bool = True, env_extra: dict | None = None):
+          wait: bool = True, env_extra: dict | None = None, extra: list[str] = ()):
     cmd = GMMVIT + ["train", "--dataset", "digits", "--model", model, "--mask", mask, "--seed", "0",
-                    "--recipe", recipe, "--out", str(out)]
+                    "--recipe", recipe, "--out", str(out), *extra]
     for s in sets:
         cmd += ["--set", s]
     env = os.environ | {"GMMVIT_THREADS": "1"} | (env_extra or {})
@@ -47,14 +50,22 @@ def test_demo_cell_learns_digits(tmp_path):
     rows = history(out)
     assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
     record = json.loads((out / "metrics.json").read_text())
-    assert record["best_top1"] >= 50, rows
+    assert record["best_top1"] >= 50 and record["learned"], rows
     assert record["best_top1"] == max(float(r["test_top1"]) for r in rows)
     assert record["last_top1"] == float(rows[-1]["test_top1"])
+    # the headline epoch is chosen on the 10% validation hold-out, never on the test set
+    assert record["selection"] == "val" and (record["n_train"], record["n_val"]) == (1293, 144)
+    chosen = max(rows, key=lambda r: (float(r["val_top1"]), -float(r["val_loss"]), -int(r["epoch"])))
+    assert record["selected_epoch"] == int(chosen["epoch"])
+    assert record["selected_top1"] == float(chosen["test_top1"])
     # provenance the report relies on
     assert record["device"] == "cpu" and record["threads"] == 1
-    assert set(record["versions"]) >= {"torch", "timm", "gmmvit"}
+    assert record["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert set(record["versions"]) >= {"torch", "timm", "gmmvit", "cuda", "cudnn"}
+    assert record["source_hash"] == source_hash() and len(record["dataset_fingerprint"]) == 16
     assert record["recipe_config"]["epochs"] == 2 and record["params"] == 2_693_122
-    assert (out / "checkpoint.pt").exists() and (out / "mask_params.pt").exists()
+    # a finished cell keeps its record and mask parameters, not its 60 MB checkpoint
+    assert not (out / "checkpoint.pt").exists() and (out / "mask_params.pt").exists()
     # a line per epoch, readable in a batch-job log (no bar: stdout is not a TTY)
     lines = [line for line in run.stdout.splitlines() if line.startswith("epoch")]
     assert len(lines) == 2 and "top1" in lines[0] and "\r" not in run.stdout
@@ -119,22 +130,24 @@ def test_missing_dataset_offline_names_folder(tmp_path):
     assert "Traceback" not in run.stderr
 
 
-def test_device_and_threads_follow_the_environment():
+def test_device_and_threads_follow_the_environment(monkeypatch):
     from gmmvit.train import pick_device, threads_from_environment
 
-    import torch
-
-    assert pick_device().type == ("cuda" if torch.cuda.is_available() else "cpu")
-    old = dict(os.environ)
-    try:
-        os.environ.pop("GMMVIT_THREADS", None)
-        os.environ["SLURM_CPUS_PER_TASK"] = "3"
-        assert threads_from_environment() == 3
-        os.environ["GMMVIT_THREADS"] = "2"
-        assert threads_from_environment() == 2
-    finally:
-        os.environ.clear()
-        os.environ.update(old)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert pick_device() == torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_device() == torch.device("cpu")
+    for var in ("GMMVIT_THREADS", "SLURM_CPUS_PER_TASK", "OMP_NUM_THREADS"):
+        monkeypatch.delenv(var, raising=False)
+    assert threads_from_environment() is None
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    assert threads_from_environment() == 4
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "3")  # what the scheduler granted beats OMP
+    assert threads_from_environment() == 3
+    monkeypatch.setenv("GMMVIT_THREADS", "2")  # and an explicit request beats both
+    assert threads_from_environment() == 2
+    monkeypatch.setenv("GMMVIT_THREADS", "zero")
+    assert threads_from_environment() == 3
 
 
 def test_paper_recipe_runs_with_augmentation_and_mixing(tmp_path):
@@ -166,3 +179,92 @@ def test_paper_recipe_runs_with_augmentation_and_mixing(tmp_path):
     # over and the cosine (spanning the run) is at its middle
     assert float(rows[0]["lr"]) == pytest.approx(1e-6 + 0.5 * (1e-3 - 1e-6), rel=1e-6)
     assert float(rows[1]["lr"]) == pytest.approx(1e-6, rel=1e-6)
+
+
+def test_checkpoint_resumes_when_mapped_as_from_a_gpu(tmp_path):
+    """Resuming must not depend on where the checkpoint's tensors would be mapped: on a GPU box the
+    old load put the RNG states on the GPU and every resume failed. The "meta" device stands in for
+    a GPU here: restoring with it must still restore the CPU RNG and the sampler exactly."""
+    from gmmvit.models import build_model
+    from gmmvit.recipe import BUILTIN_RECIPES, build_optimizer, build_scheduler
+    from gmmvit.train import atomic_torch_save, read_checkpoint, restore_checkpoint
+
+    recipe = BUILTIN_RECIPES["smoke"]
+
+    def fresh():
+        torch.manual_seed(0)
+        model = build_model("vit", mask="gmm")
+        optimizer = build_optimizer(model, recipe)
+        return model, optimizer, build_scheduler(optimizer, recipe, 4), torch.Generator().manual_seed(1)
+
+    model, optimizer, scheduler, shuffle = fresh()
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    optimizer.step()
+    torch.rand(3), torch.rand(3, generator=shuffle)  # move both RNGs away from their seeds
+    saved = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "rng_cpu": torch.get_rng_state(),
+             "rng_shuffle": shuffle.get_state(), "rng_cuda": None}
+    atomic_torch_save(saved, tmp_path / "checkpoint.pt")
+    expected = torch.rand(5), torch.rand(5, generator=shuffle)
+
+    model2, optimizer2, scheduler2, shuffle2 = fresh()
+    state = read_checkpoint(tmp_path / "checkpoint.pt")
+    restore_checkpoint(state, torch.device("meta"), model2, optimizer2, scheduler2, shuffle2)
+    assert torch.equal(torch.rand(5), expected[0])
+    assert torch.equal(torch.rand(5, generator=shuffle2), expected[1])
+    for a, b in zip(model.state_dict().values(), model2.state_dict().values()):
+        assert torch.equal(a, b)
+    assert read_checkpoint(tmp_path / "absent.pt") is None
+
+
+def test_subsets_and_validation_split_are_stratified_and_shared_by_cells():
+    from gmmvit.splits import class_quotas, hold_out, stratified_indices
+
+    labels = torch.arange(10).repeat_interleave(100)  # class-sorted, as CIFAR and folders are
+    subset = stratified_indices(labels, 200)
+    assert torch.bincount(labels[subset], minlength=10).tolist() == [20] * 10  # every class, not 0-1
+    assert torch.equal(subset, stratified_indices(labels, 200))  # the same for every cell
+    assert len(set(subset.tolist())) == 200 and not torch.equal(subset, torch.arange(0, 1000, 5))
+    keep, held = hold_out(labels, 0.1)
+    assert len(held) == 100 and torch.bincount(labels[held]).tolist() == [10] * 10
+    assert set(keep.tolist()).isdisjoint(held.tolist()) and len(keep) + len(held) == 1000
+    # uneven classes: shares by largest remainder, summing to the count asked for
+    uneven = torch.tensor([0] * 5 + [1] * 3 + [2] * 2)
+    assert class_quotas(uneven, 5) == {0: 3, 1: 1, 2: 1}  # 2.5, 1.5, 1.0: the tie goes to class 0
+    assert hold_out(labels, 0.0)[1].numel() == 0
+    with pytest.raises(ValueError, match="fraction"):
+        hold_out(labels, 1.0)
+
+
+def test_selection_never_looks_at_test_when_validation_exists():
+    from gmmvit.train import select_epoch
+
+    history = [
+        {"epoch": 1, "val_top1": 80.0, "val_loss": 0.5, "test_top1": 70.0},
+        {"epoch": 2, "val_top1": 90.0, "val_loss": 0.4, "test_top1": 60.0},
+        {"epoch": 3, "val_top1": 90.0, "val_loss": 0.3, "test_top1": 75.0},  # tie: lower val loss
+        {"epoch": 4, "val_top1": 70.0, "val_loss": 0.9, "test_top1": 99.0},
+    ]
+    assert select_epoch(history, on_validation=True)["epoch"] == 3
+    assert select_epoch(history, on_validation=False)["epoch"] == 4  # the paper's best test epoch
+
+
+def test_a_cell_that_learned_nothing_is_flagged():
+    from gmmvit.train import did_not_learn
+
+    assert "ln(10)" in did_not_learn(2.30, 17.2, 10)  # the Swin cell that stayed at ln 10
+    assert "chance" in did_not_learn(1.2, 12.0, 10)
+    assert did_not_learn(0.3, 95.0, 10) is None
+    assert did_not_learn(3.0, 40.0, 200) is None  # ln 200 = 5.3: learning, with 200 classes
+
+
+def test_subset_validation_and_kept_checkpoint_in_a_real_cell(tmp_path):
+    # smoke: 64 training digits, a quarter held out for validation; the checkpoint kept when asked
+    out = tmp_path / "cell"
+    run = train(out, "epochs=1", extra=["--keep-checkpoint", "yes"])
+    assert run.returncode == 0, run.stdout + run.stderr
+    record = json.loads((out / "metrics.json").read_text())
+    assert (record["n_train"], record["n_val"], record["n_test"]) == (48, 16, 32)
+    assert record["selection"] == "val" and record["val_fraction"] == 0.25
+    assert (out / "checkpoint.pt").exists()
+    assert "16 val" in run.stdout and "CPU capability" in run.stdout

@@ -3,18 +3,27 @@
 Reads top to bottom: setup, resume, loop (train an epoch, evaluate, checkpoint), write the record.
 Outputs in the cell's directory, each written atomically (temporary file, then rename):
   history.csv      one row per epoch
-  checkpoint.pt    latest state: model, optimiser, scheduler, RNG, epoch, history (for resume)
+  checkpoint.pt    latest state: model, optimiser, scheduler, RNG, epoch, history (for resume);
+                   removed once the cell is done unless kept (--keep-checkpoint yes)
   mask_params.pt   the final mask parameters (for figures)
   metrics.json     the cell's flat record, written LAST and only on success
+
+The reported epoch is selected on a validation split held out from the training set when the recipe
+asks for one (``val_fraction``); the best test epoch (the paper's figure) and the last epoch are
+recorded beside it. The record carries what produced it: source hash, dataset fingerprint, library
+versions, device, CPU capability, threads, host, SLURM job.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
+import math
 import os
 import platform
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -32,6 +41,7 @@ from . import __version__
 from .data import ImageDataset, load_dataset
 from .masks import LocalityMask
 from .models import build_model
+from .splits import hold_out, stratified_indices
 from .recipe import (
     BatchMixer,
     Recipe,
@@ -43,7 +53,13 @@ from .recipe import (
     train_transform,
 )
 
-HISTORY_COLUMNS = ["epoch", "train_loss", "test_loss", "test_top1", "lr", "images_per_s"]
+HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_top1", "test_loss", "test_top1", "lr",
+                   "images_per_s"]
+# A cell "did not learn" when its final train loss stays this close to ln(classes) (the loss of a
+# uniform guess) or its selected top-1 stays below this multiple of chance: it is then flagged in
+# the tables and never used as a baseline for a difference.
+NOT_LEARNED_LOSS_RATIO = 0.95
+NOT_LEARNED_CHANCE_MULTIPLE = 1.5
 
 
 class TrainingDiverged(RuntimeError):
@@ -64,6 +80,57 @@ class Cell:
 
 def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def source_hash() -> str:
+    """sha256 over the package's own source (relative paths and bytes): which code trained a cell."""
+    root = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".csv", ".yaml") and p.is_file()):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def dataset_fingerprint(data: ImageDataset) -> str:
+    """blake2b over the loaded images and labels of both splits: which data trained a cell."""
+    digest = hashlib.blake2b(digest_size=8)
+    for tensor in (data.train_images, data.train_labels, data.test_images, data.test_labels):
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def set_determinism(on: bool) -> None:
+    """Deterministic kernels where the device offers them; warn (never fail) where it does not."""
+    if on:
+        # cuBLAS needs this before its first use to be deterministic (documented by PyTorch)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.deterministic = on
+    torch.backends.cudnn.benchmark = not on
+    torch.use_deterministic_algorithms(on, warn_only=True)
+
+
+def run_environment(device: torch.device) -> dict[str, Any]:
+    """Where the cell ran: device, CPU capability (it changes float rounding), host, SLURM job."""
+    cuda = device.type == "cuda"
+    return {
+        "device": torch.cuda.get_device_name(device) if cuda else str(device),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+        "host": socket.gethostname(),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+    }
+
+
+def did_not_learn(final_train_loss: float, top1: float, num_classes: int) -> str | None:
+    """Why a finished cell counts as not learned, or None if it learned."""
+    uniform_loss, chance = math.log(num_classes), 100.0 / num_classes
+    if final_train_loss >= NOT_LEARNED_LOSS_RATIO * uniform_loss:
+        return (f"final train loss {final_train_loss:.3f} is within "
+                f"{100 * (1 - NOT_LEARNED_LOSS_RATIO):.0f}% of ln({num_classes}) = {uniform_loss:.3f}")
+    if top1 < NOT_LEARNED_CHANCE_MULTIPLE * chance:
+        return f"top-1 {top1:.2f}% is below {NOT_LEARNED_CHANCE_MULTIPLE}x chance ({chance:.2f}%)"
+    return None
 
 
 def threads_from_environment() -> int | None:
@@ -123,7 +190,7 @@ class AugmentedImages(Dataset):
 @torch.no_grad()
 def evaluate(model: nn.Module, images: Tensor, labels: Tensor, transform, batch_size: int,
              device: torch.device) -> tuple[float, float]:
-    """Mean cross-entropy (no smoothing) and top-1 in percent on the test split."""
+    """Mean cross-entropy (no smoothing) and top-1 in percent on a held-out split."""
     model.eval()
     loss_sum, correct = 0.0, 0
     for start in range(0, len(labels), batch_size):
@@ -133,6 +200,33 @@ def evaluate(model: nn.Module, images: Tensor, labels: Tensor, transform, batch_
         loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
         correct += (logits.argmax(1) == y).sum().item()
     return loss_sum / len(labels), 100.0 * correct / len(labels)
+
+
+def restore_checkpoint(state: dict, device: torch.device, model: nn.Module,
+                       optimizer: torch.optim.Optimizer, scheduler, shuffle: torch.Generator) -> None:
+    """Put a checkpoint's state back. ``state`` must have been loaded to the CPU (``read_checkpoint``):
+    the RNG states must be CPU tensors whatever the device; model and optimiser copy to their own."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])  # casts its state to each parameter's device
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng_cpu"])
+    shuffle.set_state(state["rng_shuffle"])
+    if device.type == "cuda" and state.get("rng_cuda") is not None:
+        torch.cuda.set_rng_state(state["rng_cuda"])
+
+
+def read_checkpoint(path: Path) -> dict | None:
+    # Always to the CPU: mapped to a GPU, the RNG states could not be restored (set_rng_state and
+    # Generator.set_state take CPU tensors), and every resume on a GPU would fail.
+    return torch.load(path, map_location="cpu", weights_only=False) if path.exists() else None
+
+
+def select_epoch(history: list[dict], on_validation: bool) -> dict:
+    """The reported epoch: the best on validation (ties: lower validation loss, then earlier), or,
+    without a validation split, the best on test (the paper's way)."""
+    if on_validation:
+        return max(history, key=lambda h: (h["val_top1"], -h["val_loss"], -h["epoch"]))
+    return max(history, key=lambda h: (h["test_top1"], -h["epoch"]))
 
 
 def mask_parameters(model: nn.Module) -> dict[str, Tensor]:
@@ -154,8 +248,10 @@ def train_cell(
     threads: int | None = None,
     progress: bool | None = None,
     dataset: ImageDataset | None = None,
+    keep_checkpoint: bool = False,
 ) -> dict:
-    """Train one cell, resuming from ``out_dir/checkpoint.pt`` if present; return its record."""
+    """Train one cell, resuming from ``out_dir/checkpoint.pt`` if present; return its record.
+    Once the record is written the checkpoint is removed, unless ``keep_checkpoint``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").unlink(missing_ok=True)  # a record exists only for a finished run
@@ -163,21 +259,32 @@ def train_cell(
     if threads:
         torch.set_num_threads(threads)
     device = pick_device()
+    set_determinism(recipe.deterministic)
     if progress is None:
         progress = sys.stderr.isatty()
     log = lambda msg: print(msg, flush=True)  # noqa: E731
 
     # ---- data
     data = dataset or load_dataset(cell.dataset, root=data_root)
+    fingerprint = dataset_fingerprint(data)
     img_size = recipe.img_size or data.img_size
     train_x, train_y = data.train_images, data.train_labels
     test_x, test_y = data.test_images, data.test_labels
+    # Subsets and the validation hold-out are seeded and stratified by class, the same for every
+    # cell of the dataset (datasets are stored class-sorted: "the first N" would be a few classes).
     if recipe.limit_train:
-        train_x, train_y = train_x[: recipe.limit_train], train_y[: recipe.limit_train]
+        keep = stratified_indices(train_y, min(recipe.limit_train, len(train_y)))
+        train_x, train_y = train_x[keep], train_y[keep]
     if recipe.limit_test:
-        test_x, test_y = test_x[: recipe.limit_test], test_y[: recipe.limit_test]
+        keep = stratified_indices(test_y, min(recipe.limit_test, len(test_y)))
+        test_x, test_y = test_x[keep], test_y[keep]
+    keep, held = hold_out(train_y, recipe.val_fraction)
+    val_x, val_y = train_x[held], train_y[held]
+    train_x, train_y = train_x[keep], train_y[keep]
+    on_validation = len(val_y) > 0
     if img_size != data.img_size:  # the recipe's img_size: resize once, in memory
-        train_x, test_x = (resize(x, [img_size, img_size], antialias=True) for x in (train_x, test_x))
+        train_x, val_x, test_x = (resize(x, [img_size, img_size], antialias=True)
+                                  for x in (train_x, val_x, test_x))
 
     # ---- model, optimisation (seeded: the same seed gives the same run)
     torch.manual_seed(cell.seed)
@@ -205,7 +312,7 @@ def train_cell(
     cell_id = [cell.dataset, cell.model, cell.mask, cell.seed]
     start_epoch, history, wall_before = 0, [], 0.0
     ckpt_path = out / "checkpoint.pt"
-    state = torch.load(ckpt_path, map_location=device, weights_only=False) if ckpt_path.exists() else None
+    state = read_checkpoint(ckpt_path)
     if state is not None and (state.get("recipe") != recipe.to_dict() or state.get("cell") != cell_id
                               or state["epoch"] >= recipe.epochs):
         # Left by another recipe, another cell, or a finished run that is being redone (e.g. the
@@ -213,19 +320,18 @@ def train_cell(
         log(f"ignoring {ckpt_path}: it is from a finished run or another cell/recipe; starting afresh")
         state = None
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng_cpu"])
-        shuffle.set_state(state["rng_shuffle"])
-        if device.type == "cuda" and state.get("rng_cuda") is not None:
-            torch.cuda.set_rng_state(state["rng_cuda"])
+        restore_checkpoint(state, device, model, optimizer, scheduler, shuffle)
         start_epoch, history, wall_before = state["epoch"], state["history"], state["wall_time_s"]
         log(f"resuming {out} from its checkpoint after epoch {start_epoch}")
 
+    where = run_environment(device)
     log(f"cell {cell.dataset}/{cell.model}-{cell.mask}/seed{cell.seed} recipe {cell.recipe_name}: "
-        f"{n_params:,} parameters, {len(train_y)} train / {len(test_y)} test images at {img_size}px, "
-        f"{recipe.epochs} epochs x {n_steps} steps, device {device}, {torch.get_num_threads()} threads")
+        f"{n_params:,} parameters, {len(train_y)} train / {len(val_y)} val / {len(test_y)} test images "
+        f"at {img_size}px, {recipe.epochs} epochs x {n_steps} steps")
+    log(f"on {where['device']} (CPU capability {where['cpu_capability']}), {where['threads']} threads, "
+        f"host {where['host']}" + (f", SLURM job {where['slurm_job_id']}" if where["slurm_job_id"] else "")
+        + f"; torch {torch.__version__}, timm {timm.__version__}, source {source_hash()}, "
+        f"data {fingerprint}, deterministic {recipe.deterministic}")
 
     # ---- loop
     started = time.perf_counter()
@@ -257,21 +363,26 @@ def train_cell(
                 bar.set_postfix(loss=f"{loss_sum / seen:.3f}")
         epoch_seconds = time.perf_counter() - t0
         train_seconds += epoch_seconds
+        val_loss, val_top1 = (evaluate(model, val_x, val_y, test_tf, recipe.eval_batch_size, device)
+                              if on_validation else (None, None))
         test_loss, top1 = evaluate(model, test_x, test_y, test_tf, recipe.eval_batch_size, device)
         row = {
             "epoch": epoch + 1,
             "train_loss": round(loss_sum / seen, 6),
+            "val_loss": None if val_loss is None else round(val_loss, 6),
+            "val_top1": None if val_top1 is None else round(val_top1, 4),
             "test_loss": round(test_loss, 6),
             "test_top1": round(top1, 4),
             "lr": optimizer.param_groups[0]["lr"],
             "images_per_s": round(seen / epoch_seconds, 2),
         }
         history.append(row | {"_seconds": epoch_seconds})
-        best = max(history, key=lambda h: h["test_top1"])
+        chosen = select_epoch(history, on_validation)
         log(f"epoch {epoch + 1:>3}/{recipe.epochs}  train_loss {row['train_loss']:.4f}  "
-            f"test_loss {test_loss:.4f}  top1 {top1:6.2f}%  best {best['test_top1']:6.2f}% "
-            f"(epoch {best['epoch']})  lr {row['lr']:.2e}  {row['images_per_s']:.0f} img/s  "
-            f"{epoch_seconds:.1f}s")
+            + (f"val_top1 {val_top1:6.2f}%  " if on_validation else "")
+            + f"test_loss {test_loss:.4f}  top1 {top1:6.2f}%  selected {chosen['test_top1']:6.2f}% "
+            f"(epoch {chosen['epoch']}, on {'val' if on_validation else 'test'})  lr {row['lr']:.2e}  "
+            f"{row['images_per_s']:.0f} img/s  {epoch_seconds:.1f}s")
         write_history(out / "history.csv", [{k: h[k] for k in HISTORY_COLUMNS} for h in history])
         atomic_torch_save(
             {
@@ -288,26 +399,47 @@ def train_cell(
 
     # ---- the record
     atomic_torch_save(mask_parameters(model), out / "mask_params.pt")
-    best = max(history, key=lambda h: h["test_top1"])
+    best = max(history, key=lambda h: (h["test_top1"], -h["epoch"]))
+    chosen = select_epoch(history, on_validation)
+    final_train_loss = history[-1]["train_loss"]
+    not_learned = did_not_learn(final_train_loss, chosen["test_top1"], data.num_classes)
     record = {
         "dataset": cell.dataset, "model": cell.model, "mask": cell.mask, "seed": cell.seed,
         "recipe": cell.recipe_name,
+        # the headline: test top-1 at the epoch selected without looking at the test set when the
+        # recipe holds out a validation split ("val"), else at the best test epoch ("test")
+        "selection": "val" if on_validation else "test",
+        "selected_epoch": chosen["epoch"], "selected_top1": chosen["test_top1"],
+        "val_top1": chosen["val_top1"], "val_fraction": recipe.val_fraction,
         "best_top1": best["test_top1"], "best_epoch": best["epoch"],
         "last_top1": history[-1]["test_top1"], "last_test_loss": history[-1]["test_loss"],
+        "final_train_loss": final_train_loss, "chance_top1": round(100.0 / data.num_classes, 4),
+        "learned": not_learned is None, "not_learned_reason": not_learned,
         "epochs": recipe.epochs, "params": n_params,
         "wall_time_s": round(wall_before + time.perf_counter() - started, 2),
         "train_images_per_s": round(
             sum(h["images_per_s"] * h["_seconds"] for h in history) / max(train_seconds, 1e-9), 2),
-        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
-        "threads": torch.get_num_threads(),
+        **where,
+        "num_classes": data.num_classes, "img_size": img_size,
+        "n_train": len(train_y), "n_val": len(val_y), "n_test": len(test_y),
+        "dataset_fingerprint": fingerprint, "source_hash": source_hash(),
+        "deterministic": recipe.deterministic,
         "versions": {"torch": torch.__version__, "timm": timm.__version__, "gmmvit": __version__,
-                     "python": platform.python_version()},
+                     "python": platform.python_version(), "cuda": torch.version.cuda,
+                     "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None},
         "recipe_config": recipe.to_dict(),
     }
     atomic_write_bytes(out / "metrics.json", (json.dumps(record, indent=2) + "\n").encode())
-    log(f"done: best top1 {record['best_top1']:.2f}% (epoch {record['best_epoch']}), "
-        f"last {record['last_top1']:.2f}%, {record['wall_time_s']:.0f}s -> {out / 'metrics.json'}")
+    if not keep_checkpoint:  # ~60 MB a cell (12 GB over the paper grid); the record is what counts
+        ckpt_path.unlink(missing_ok=True)
+    log(f"done: top1 {record['selected_top1']:.2f}% at epoch {record['selected_epoch']} "
+        f"(selected on {record['selection']}), best test {record['best_top1']:.2f}% "
+        f"(epoch {record['best_epoch']}), last {record['last_top1']:.2f}%, "
+        f"{record['wall_time_s']:.0f}s -> {out / 'metrics.json'}")
+    if not_learned:
+        log(f"warning: this cell did not learn ({not_learned}); the report flags it")
     return record
 
 
-__all__ = ["Cell", "TrainingDiverged", "train_cell", "evaluate", "pick_device"]
+__all__ = ["Cell", "TrainingDiverged", "train_cell", "evaluate", "pick_device", "select_epoch",
+           "did_not_learn", "read_checkpoint", "restore_checkpoint", "source_hash"]
