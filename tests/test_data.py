@@ -7,11 +7,13 @@ import gzip
 import io
 import json
 import pickle
+import re
 import tarfile
 import threading
+import urllib.parse
 import zipfile
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -167,8 +169,9 @@ TINY_WNIDS = ["n01443537", "n09999999"]
 RED, BLUE = (230, 20, 20), (20, 20, 230)
 
 
-def make_tiny_zip() -> bytes:
-    """Official layout: train/<wnid>/images, flat val/images + val_annotations.txt, test/."""
+def make_tiny_zip(extra: dict[str, bytes] | None = None) -> bytes:
+    """Official layout: train/<wnid>/images, flat val/images + val_annotations.txt, test/; ``extra``
+    adds files (paths relative to tiny-imagenet-200/)."""
     top = "tiny-imagenet-200"
     files: dict[str, bytes] = {
         f"{top}/wnids.txt": "\n".join(TINY_WNIDS).encode() + b"\n",
@@ -184,6 +187,7 @@ def make_tiny_zip() -> bytes:
     files[f"{top}/val/images/val_1.JPEG"] = _jpeg(BLUE)
     files[f"{top}/val/val_annotations.txt"] = (
         f"val_0.JPEG\t{TINY_WNIDS[1]}\t0\t1\t60\t61\nval_1.JPEG\t{TINY_WNIDS[0]}\t3\t4\t50\t52\n").encode()
+    files |= {f"{top}/{name}": content for name, content in (extra or {}).items()}
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as zf:
         for name, content in files.items():
@@ -571,7 +575,8 @@ def test_folder_dataset_loads_png_tree(tmp_path: Path, eval_split: str) -> None:
     assert ds.train_images.dtype == torch.uint8 and ds.train_labels.tolist() == [0, 0, 1, 1]
     assert ds.test_images[1, :, 5, 5].tolist() == [0, 0, 200]  # dog is blue
     assert ds.mean == pytest.approx((100 / 255, 0, 100 / 255), abs=1e-6)
-    assert ds.std == pytest.approx((100 / 255, 0, 100 / 255), abs=1e-6)
+    # the green channel never varies: std 1, not 0, or normalising would divide by zero
+    assert ds.std == pytest.approx((100 / 255, 1, 100 / 255), abs=1e-6)
     assert ds.autoaugment == "imagenet"
     # path defaults to root; prepare only validates.
     assert load_dataset("folder", root=tree).img_size == 32
@@ -610,3 +615,149 @@ def test_folder_undecodable_image_names_file(tmp_path: Path) -> None:
     (tree / "val" / "dog" / "broken.png").write_bytes(b"\x89PNG not really")
     with pytest.raises(DatasetError, match="broken.png"):
         load_dataset("folder", path=tree, progress=False)
+
+
+def test_folder_dataset_takes_a_name_of_your_own(tmp_path: Path) -> None:
+    tree = make_tree(tmp_path / "pets")
+    ds = load_dataset("folder", path=tree, img_size=8, progress=False, name="pets")
+    assert ds.name == "pets" and ds.img_size == 8
+
+
+# --------------------------------------------------------------------------------------------
+# Messages a user can act on
+
+
+UNREACHABLE = {"closed-port": "http://127.0.0.1:9", "unknown-host": "http://nonexistent.invalid"}
+HAND_LAYOUT = {"cifar10": "data_batch_1", "cifar100": "meta", "svhn": "test_32x32.mat",
+               "tinyimagenet": "val_annotations.txt"}
+
+
+@pytest.mark.parametrize("host", UNREACHABLE.values(), ids=list(UNREACHABLE))
+@pytest.mark.parametrize("name", DOWNLOADABLE)
+def test_unreachable_source_says_what_to_do(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                            name: str, host: str) -> None:
+    monkeypatch.delenv(f"GMMVIT_{name.upper()}_URL", raising=False)
+    spec = DATASETS[name]
+    official = host + urllib.parse.urlparse(spec.url).path  # type: ignore[type-var]
+    monkeypatch.setitem(DATASETS, name, dataclasses.replace(spec, url=official))
+    root = tmp_path / "data"
+    with pytest.raises(DatasetError) as info:
+        prepare_dataset(name, root=root, progress=False)
+    message = str(info.value)
+    assert "failed" in message and host in message
+    assert f"gmmvit prepare {name} --data-root {root} --url" in message  # a mirror or a local file
+    assert f"GMMVIT_{name.upper()}_URL" in message
+    assert str(root / spec.folder) in message and HAND_LAYOUT[name] in message  # type: ignore[operator]
+    assert_nothing_prepared(root, name)
+
+
+@pytest.mark.parametrize("name, archive", [
+    ("cifar10", lambda: make_cifar10().archive), ("tinyimagenet", make_tiny_zip)],
+    ids=["cifar10", "tinyimagenet"])
+@pytest.mark.parametrize("where", ["server", "local-file"])
+def test_cut_archive_says_incomplete_and_to_download_again(
+        tmp_path: Path, server: FileServer, name: str, archive: Callable[[], bytes], where: str) -> None:
+    whole = archive()
+    cut = whole[: len(whole) * 2 // 3]
+    file_name = "cifar-10-python.tar.gz" if name == "cifar10" else "tiny-imagenet-200.zip"
+    if where == "server":
+        source = server.add(f"/mirror/{file_name}", cut)  # a mirror that serves a partial file
+    else:
+        (tmp_path / "downloads").mkdir()
+        (tmp_path / "downloads" / file_name).write_bytes(cut)
+        source = str(tmp_path / "downloads" / file_name)
+    root = tmp_path / "data"
+    with pytest.raises(DatasetError) as info:
+        prepare_dataset(name, root=root, url=source, progress=False, expected=TINY_SMALL
+                        if name == "tinyimagenet" else None)
+    message = str(info.value)
+    assert f"the archive {source} is incomplete or corrupt" in message
+    assert "download it again" in message
+    assert_nothing_prepared(root, name)
+
+
+def test_class_mismatch_names_the_source_and_the_final_folder(tmp_path: Path,
+                                                              server: FileServer) -> None:
+    extra = {"train/n07777777/images/n07777777_0.JPEG": _jpeg(RED)}  # a class without val images
+    url = server.add("/tiny-imagenet-200.zip", make_tiny_zip(extra))
+    with pytest.raises(DatasetError) as info:
+        prepare_dataset("tinyimagenet", root=tmp_path, url=url, progress=False, expected=TINY_SMALL)
+    message = str(info.value)
+    assert url in message and "n07777777" in message
+    final = tmp_path / "tiny-imagenet-200"
+    assert f"class folders differ between {final / 'train'} and {final / 'val'}" in message
+    assert ".prepare-" not in message  # a temporary folder that no longer exists helps nobody
+    assert_nothing_prepared(tmp_path, "tinyimagenet")
+
+
+def test_cli_prepare_prints_verified_counts_and_log_lines(tmp_path: Path, server: FileServer,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from gmmvit import cli
+
+    url = server.add("/cifar-10-python.tar.gz", make_cifar10().archive)
+    assert cli.main(["prepare", "cifar10", "--data-root", str(tmp_path), "--url", url]) == 0
+    out, err = capsys.readouterr()
+    folder = tmp_path / "cifar-10-batches-py"
+    assert f"cifar10 is ready in {folder}: 10 classes, 10 train, 3 test images (verified; from {url})" in out
+    # stderr is not a terminal here, as in a Snakemake job log: one line, no progress bar redraws
+    assert re.fullmatch(rf"downloading {re.escape(url)} \(0\.0 MB\) \.\.\. done in \d+ s\n", err), err
+
+
+def test_decoding_progress_is_one_line_in_a_log_and_a_bar_on_a_terminal(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    tree = make_tree(tmp_path / "pets")
+    monkeypatch.setattr(data, "_MANY_FILES", 1)  # a bar even for these few files, on a terminal
+    load_dataset("folder", path=tree, img_size=16, name="pets")
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    assert re.fullmatch(r"decoding pets train: 4 images at 16px \.\.\. done in \d+ s\n"
+                        r"decoding pets test: 2 images at 16px \.\.\. done in \d+ s\n", err), err
+
+    monkeypatch.setattr(data, "_on_terminal", lambda: True)
+    load_dataset("folder", path=tree, img_size=16, name="pets")
+    err = capsys.readouterr().err
+    assert "\r" in err and "decoding" not in err  # tqdm's bar, redrawn in place
+
+
+# --------------------------------------------------------------------------------------------
+# Named folder datasets through `gmmvit train`
+
+
+def test_cli_train_decodes_a_named_folder_at_its_img_size(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from gmmvit import cli, train
+
+    tree = tmp_path / "flowers"
+    for split, n in (("train", 3), ("val", 1)):
+        for cls, color in (("rose", (200, 0, 0)), ("iris", (80, 0, 200)), ("lily", (250, 250, 250))):
+            for i in range(n):
+                _png(tree / split / cls / f"{i}.png", color, (48, 48))
+    given: dict[str, object] = {}
+
+    def spy(cell, recipe, out_dir, **options):  # type: ignore[no-untyped-def]
+        given.update(cell=cell, dataset=options.get("dataset"))  # training: tests/test_train.py
+        return {}
+
+    monkeypatch.setattr(train, "train_cell", spy)
+    assert cli.main(["train", "--dataset", "flowers", "--dataset-kind", "folder", "--dataset-path",
+                     str(tree), "--img-size", "40", "--model", "vit", "--recipe", "smoke",
+                     "--out", str(tmp_path / "out")]) == 0
+    ds = given["dataset"]
+    assert isinstance(ds, data.ImageDataset)
+    assert ds.name == "flowers" and given["cell"].dataset == "flowers"  # type: ignore[attr-defined]
+    assert ds.img_size == 40 and ds.train_images.shape == (9, 3, 40, 40)
+    assert ds.classes == ("iris", "lily", "rose")
+
+    # a registered dataset still loads with no dataset options
+    assert cli.main(["train", "--dataset", "digits", "--model", "vit", "--recipe", "smoke",
+                     "--out", str(tmp_path / "out2")]) == 0
+    assert given["dataset"].name == "digits" and given["dataset"].img_size == 32  # type: ignore[attr-defined]
+
+
+def test_cli_train_unknown_name_suggests_folder_kind(tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from gmmvit import cli
+
+    assert cli.main(["train", "--dataset", "flowers", "--model", "vit", "--recipe", "smoke",
+                     "--out", str(tmp_path / "out")]) == 2
+    assert "--dataset-kind folder --dataset-path" in capsys.readouterr().err

@@ -24,21 +24,40 @@ def _measure(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from .data import dataset_names, load_dataset
     from .recipe import resolve_recipe
     from .train import Cell, train_cell
 
     overrides = json.loads(args.overrides) if args.overrides else None
     recipe = resolve_recipe(args.recipe, args.recipes, overrides, args.set)
+    kind = args.dataset_kind or args.dataset
+    if kind not in dataset_names():
+        raise ValueError(f"unknown dataset {kind!r}; valid names: {', '.join(dataset_names())}. "
+                         "For an image folder, add --dataset-kind folder --dataset-path <its "
+                         "train/ + val/ tree>")
+    # Only the options given are passed, so a registered dataset that takes none still loads.
+    options = {key: value for key, value in (("path", args.dataset_path), ("img_size", args.img_size))
+               if value is not None}
+    data = load_dataset(kind, args.data_root, name=args.dataset, **options)
     cell = Cell(args.dataset, args.model, args.mask, args.seed, args.recipe_name or args.recipe)
-    train_cell(cell, recipe, args.out, data_root=args.data_root, threads=args.threads)
+    train_cell(cell, recipe, args.out, data_root=args.data_root, threads=args.threads, dataset=data,
+               keep_checkpoint=args.keep_checkpoint == "yes")
     return 0
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from .data import prepare_dataset
+    from .data import prepare_dataset, prepared_record
 
     path = prepare_dataset(args.name, root=args.data_root, url=args.url)
-    print(f"{args.name} is ready in {path}")
+    record = prepared_record(args.name, args.data_root)
+    if record is None:  # nothing to download (digits, folder): prepare only checked it
+        print(f"{args.name} is ready in {path}")
+        return 0
+    counts = dict(record["counts"])
+    images = ", ".join(f"{n} {split}" for split, n in counts.items() if split != "classes")
+    source = record["source"].removeprefix("file://")  # a local archive: show its path
+    print(f"{args.name} is ready in {path}: {counts.get('classes')} classes, {images} images "
+          f"(verified; from {source})")
     return 0
 
 
@@ -59,7 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_measure)
 
     p = sub.add_parser("train", help="train one (dataset, model, mask, seed, recipe) cell")
-    p.add_argument("--dataset", required=True)
+    p.add_argument("--dataset", required=True, help="the dataset's name (recorded with the cell)")
+    p.add_argument("--dataset-kind", help="the registered dataset it is, e.g. folder (default: --dataset)")
+    p.add_argument("--dataset-path", help="folder kind: its train/ + val/ tree (default: --data-root)")
+    p.add_argument("--img-size", type=int, help="folder kind: decode images at this size (default 32)")
     p.add_argument("--model", required=True, choices=model_names())
     p.add_argument("--mask", default="none", choices=mask_names())
     p.add_argument("--seed", type=int, default=0)
@@ -71,12 +93,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the cell's output directory")
     p.add_argument("--data-root", default="data")
     p.add_argument("--threads", type=int, help="CPU threads (default: from the environment)")
+    p.add_argument("--keep-checkpoint", choices=("yes", "no"), default="no",
+                   help="keep checkpoint.pt once the cell is done (default: remove it, ~60 MB)")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("prepare", help="download, unpack and verify a dataset under the data root")
     p.add_argument("name")
     p.add_argument("--data-root", default="data")
-    p.add_argument("--url", help="download from here instead of the official address")
+    p.add_argument("--url", help="download from here instead of the official address: a mirror's URL "
+                   "or a local path of the archive (default: $GMMVIT_<NAME>_URL, then the official one)")
     p.set_defaults(func=_prepare)
 
     # Listed for `gmmvit -h` only: main() hands `report` to gmmvit.report's own parser.

@@ -3,23 +3,27 @@
 ``digits`` (scikit-learn's bundled handwritten digits) needs no files and is the offline default.
 ``cifar10``, ``cifar100``, ``svhn`` and ``tinyimagenet`` use torchvision's on-disk layouts under a
 data root and are fetched by :func:`prepare_dataset`; ``folder`` reads any ``train/`` + ``val/``
-(or ``test/``) tree of class folders.
+(or ``test/``) tree of class folders, under whatever name the user gives it (``load_dataset(...,
+name=...)``).
 
 Preparation is atomic: download, unpack and verification happen in ``root/.prepare-<name>-XXXX``,
 the result is renamed into place and the marker ``<final folder>/.gmmvit-prepared.json`` is written
 last, so the marker's presence means "complete and verified". The workflow can use
-:func:`marker_path` as a rule output.
+:func:`marker_path` as a rule output. A failed download says what else works (``--url``, the
+``GMMVIT_<NAME>_URL`` variable, unpacking by hand). Progress is a bar on a terminal and one line
+per step in a log.
 
 Adding a dataset = one :class:`DatasetSpec` subclass instance in :data:`DATASETS`.
 """
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import http.client
 import json
 import os
 import pickle
+import re
 import shutil
 import sys
 import tarfile
@@ -32,13 +36,14 @@ import zipfile
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from torchvision.datasets.utils import calculate_md5
 from tqdm import tqdm
 
 try:  # POSIX only; without it concurrent prepares of one dataset are simply not serialised
@@ -50,6 +55,8 @@ __all__ = [
     "ImageDataset",
     "DatasetSpec",
     "DatasetError",
+    "DownloadError",
+    "IncompleteDownload",
     "DATASETS",
     "MARKER_NAME",
     "TINYIMAGENET_EXPECTED",
@@ -58,6 +65,7 @@ __all__ = [
     "prepare_dataset",
     "needs_download",
     "is_prepared",
+    "prepared_record",
     "marker_path",
 ]
 
@@ -72,6 +80,14 @@ _MANY_FILES = 500  # below this, decoding is too quick for a progress bar to hel
 
 class DatasetError(RuntimeError):
     """A user-facing data problem: missing files, failed download, bad folder layout."""
+
+
+class DownloadError(DatasetError):
+    """The source could not be reached or refused the request: another source may help."""
+
+
+class IncompleteDownload(DatasetError):
+    """The bytes arrived but are cut short or damaged: fetching them again may help."""
 
 
 @dataclass(frozen=True)
@@ -166,6 +182,30 @@ class DatasetSpec:
     def adopt(self, folder: Path, origin: str) -> None:
         """Finish the layout of a folder unpacked by hand before verifying it (default: nothing)."""
 
+    def source_kind(self) -> str:
+        """What ``--url`` must point at, in words (default: the official archive's file name)."""
+        assert self.url is not None
+        return Path(urllib.parse.urlparse(self.url).path).name
+
+    def unpacked_by_hand(self, where: Path) -> str:
+        """How to put the data in place without ``prepare`` downloading it."""
+        return (f"unpack {self.source_kind()} into {where.parent} so that {where} holds "
+                f"{', '.join(self.expected_files())}")
+
+    def other_sources_help(self, root: Path) -> str:
+        """What to do when the official source cannot be reached (offline, firewall, dead link)."""
+        assert self.folder is not None
+        command = f"gmmvit prepare {self.name} --data-root {root}"
+        return (
+            "  To prepare it without that address, any of these works:\n"
+            f"  - a mirror or a copy on disk: {command} --url <URL or local path of "
+            f"{self.source_kind()}>\n"
+            f"  - the same for snakemake's prepare job: set GMMVIT_{self.name.upper()}_URL="
+            "<that URL or path> in snakemake's environment\n"
+            f"  - by hand: {self.unpacked_by_hand(root / self.folder)}; then run {command}"
+            " (it verifies the folder and downloads nothing)"
+        )
+
     def missing_error(self, root: Path, detail: str = "", problem: str = "dataset not found in"
                       ) -> DatasetError:
         assert self.folder is not None and self.url is not None
@@ -205,6 +245,14 @@ def marker_path(name: str, root: str | Path = "data") -> Path | None:
     return Path(root) / spec.folder / MARKER_NAME
 
 
+def prepared_record(name: str, root: str | Path = "data") -> dict[str, Any] | None:
+    """What ``prepare`` wrote in the marker (counts, source, md5_checked, ...); None if not prepared."""
+    marker = marker_path(name, root)
+    if marker is None or not marker.is_file():
+        return None
+    return json.loads(marker.read_text())
+
+
 def is_prepared(name: str, root: str | Path = "data") -> bool:
     spec = _spec(name)
     marker = marker_path(name, root)
@@ -218,13 +266,21 @@ def is_prepared(name: str, root: str | Path = "data") -> bool:
     return True
 
 
-def load_dataset(name: str, root: str | Path = "data", **options: Any) -> ImageDataset:
-    """Load a registered dataset whole.
+def load_dataset(kind: str, root: str | Path = "data", *, name: str | None = None,
+                 **options: Any) -> ImageDataset:
+    """Load a registered dataset (``kind``) whole; ``name`` is what the result is called (default:
+    ``kind``), e.g. the config's name of one of several image folders.
 
     Options: ``folder`` takes ``path`` (default: root), ``img_size`` (default 32) and ``progress``;
     ``tinyimagenet`` takes ``progress``; the others take none.
     """
-    return _spec(name).load(Path(root), **options)
+    spec = _spec(kind)
+    if name is not None and isinstance(spec, FolderSpec):
+        # A folder has no download instructions that its kind's name must appear in, so its
+        # progress lines and errors can carry the user's name.
+        spec = dataclasses.replace(spec, name=name)
+    data = spec.load(Path(root), **options)
+    return data if name is None else dataclasses.replace(data, name=name)
 
 
 def prepare_dataset(
@@ -285,11 +341,19 @@ def prepare_dataset(
         source, official = _source(spec, url)
         tmp = Path(tempfile.mkdtemp(prefix=f".prepare-{name}-", dir=root))
         try:
-            staged = spec.fetch(tmp, source, official, progress)
             try:
+                staged = spec.fetch(tmp, source, official, progress)
                 counts = spec.verify(staged)
+            except DownloadError as err:
+                raise DatasetError(f"{name}: {err}\n{spec.other_sources_help(root)}") from None
+            except IncompleteDownload as err:
+                raise DatasetError(f"{name}: {err}") from None
             except DatasetError as err:
-                raise DatasetError(f"{name}: data downloaded from {source} is invalid: {err}") from None
+                # The staging folder is gone once this returns: name the source and the folder
+                # the user will look in instead.
+                detail = _staging_as_final(str(err), tmp, spec.folder, final)
+                raise DatasetError(f"{name}: the data from {_shown(source)} is not a valid {name} "
+                                   f"dataset, so nothing was put in {final}: {detail}") from None
             _check_counts(spec, counts, wanted, source)
             os.replace(staged, final)
             _write_marker(final, name, counts, source=source, md5_checked=official)
@@ -342,35 +406,75 @@ def _write_marker(final: Path, name: str, counts: Mapping[str, int], source: str
     os.replace(tmp, final / MARKER_NAME)
 
 
+def _shown(source: str) -> str:
+    """A source as the user gave it: a local path rather than the file:// URL it was turned into."""
+    parsed = urllib.parse.urlparse(source)
+    return urllib.request.url2pathname(parsed.path) if parsed.scheme == "file" else source
+
+
+def _staging_as_final(message: str, tmp: Path, folder: str | None, final: Path) -> str:
+    # Fetching stages the dataset folder as tmp/unpacked/<folder> (archives) or tmp/<folder>.
+    staged = re.escape(str(tmp)) + r"(?:/unpacked)?" + (re.escape(f"/{folder}") if folder else "")
+    return re.sub(staged, lambda _: str(final), message)
+
+
+def _on_terminal() -> bool:
+    return sys.stderr.isatty()
+
+
+@contextmanager
+def _stage(text: str) -> Iterator[None]:
+    """One log line for a step, "text ... done in 41 s": the progress-bar stand-in for logs, where
+    every redraw of a bar would be kept (tens of KB per Snakemake job log)."""
+    print(f"{text} ...", end="", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    try:
+        yield
+    except BaseException:
+        print(" failed", file=sys.stderr, flush=True)
+        raise
+    print(f" done in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+
+
 def _download(url: str, dest: Path, progress: bool, md5: str | None = None) -> None:
-    digest = hashlib.md5(usedforsecurity=False)
+    # Not torchvision.datasets.utils.download_url: it always draws a bar (into logs too), silently
+    # retries an https URL over plain http, ignores a short Content-Length, and reports a failure as
+    # "File not found or corrupted." without the URL; its md5 helper is used below.
+    label = Path(urllib.parse.urlparse(url).path).name or dest.name
     written = 0
     try:
         with urllib.request.urlopen(url, timeout=60) as response, open(dest, "wb") as out:
             length = response.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
-            with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
-                      desc=Path(urllib.parse.urlparse(url).path).name or dest.name,
-                      disable=not progress, leave=False) as bar:
+            size = f" ({total / 2**20:.1f} MB)" if total is not None else ""
+            in_log = progress and not _on_terminal()
+            verb = "copying" if url.startswith("file:") else "downloading"
+            with _stage(f"{verb} {_shown(url)}{size}") if in_log else nullcontext(), tqdm(
+                total=total, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
+                desc=label, disable=not progress or in_log, leave=False,
+            ) as bar:
                 while chunk := response.read(_CHUNK):
                     out.write(chunk)
-                    digest.update(chunk)
                     written += len(chunk)
                     bar.update(len(chunk))
     except urllib.error.HTTPError as err:
         err.close()  # it owns the response's socket
-        raise DatasetError(f"download of {url} failed: HTTP {err.code} {err.reason}") from None
+        raise DownloadError(f"download of {url} failed: HTTP {err.code} {err.reason}") from None
     except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as err:
         reason = getattr(err, "reason", err)
-        raise DatasetError(f"download of {url} failed: {reason}") from None
+        raise DownloadError(f"download of {_shown(url)} failed: {reason}") from None
+    again = "Nothing was kept; download it again."
     if total is not None and written != total:
-        raise DatasetError(f"download of {url} is truncated: received {written} of {total} bytes "
-                           "(Content-Length)")
-    if md5 is not None and digest.hexdigest() != md5:
-        raise DatasetError(f"download of {url} is corrupt: md5 {digest.hexdigest()}, expected {md5}")
+        raise IncompleteDownload(f"download of {url} is truncated: received {written} of {total} "
+                                 f"bytes (Content-Length). {again}")
+    if md5 is not None and (digest := calculate_md5(dest)) != md5:
+        raise IncompleteDownload(f"download of {url} is corrupt or incomplete: md5 {digest}, "
+                                 f"expected {md5}. {again}")
 
 
 def _unpack(archive: Path, dest: Path, url: str) -> None:
+    # Not torchvision.datasets.utils.extract_archive: it extracts tar files without tarfile's
+    # "data" filter, so a member named ../x or /x from a mirror could write outside ``dest``.
     try:
         if archive.suffix == ".zip":
             with zipfile.ZipFile(archive) as zf:
@@ -385,7 +489,10 @@ def _unpack(archive: Path, dest: Path, url: str) -> None:
                             raise tarfile.TarError(f"unsafe member {member.name}")
                     tf.extractall(dest)
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, OSError) as err:
-        raise DatasetError(f"archive downloaded from {url} is corrupt: {err}") from None
+        raise IncompleteDownload(
+            f"the archive {_shown(url)} is incomplete or corrupt ({type(err).__name__}: {err}), "
+            "as a download cut short would be. Nothing was kept; download it again (or, for a "
+            "local file, copy it again).") from None
 
 
 def _top_folder(extracted: Path, folder: str, url: str) -> Path:
@@ -393,7 +500,7 @@ def _top_folder(extracted: Path, folder: str, url: str) -> Path:
     if candidate.is_dir():
         return candidate
     found = sorted(p.name for p in extracted.iterdir())
-    raise DatasetError(f"archive downloaded from {url} has no {folder}/ folder (it contains: "
+    raise DatasetError(f"the archive has no {folder}/ folder (it contains: "
                        f"{', '.join(found) or 'nothing'})")
 
 
@@ -412,6 +519,9 @@ def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, float, float], tu
     count = images.shape[0] * images.shape[2] * images.shape[3]
     mean = total / count
     std = (squares / count - mean * mean).clamp_min(0).sqrt()
+    # A channel that never varies (e.g. an all-green folder) would divide by zero when normalised:
+    # centre it and leave its scale alone.
+    std = torch.where(std > 0, std, torch.ones_like(std))
     return tuple(mean.tolist()), tuple(std.tolist())  # type: ignore[return-value]
 
 
@@ -432,9 +542,11 @@ def _decode_images(paths: Sequence[Path], size: int, desc: str, progress: bool) 
     out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
     # PIL releases the GIL while decoding, so threads give a real speed-up.
     workers = min(4, os.cpu_count() or 1)
-    with ThreadPoolExecutor(max_workers=workers) as pool, tqdm(
+    in_log = progress and not _on_terminal()
+    line = _stage(f"decoding {desc}: {len(paths)} images at {size}px") if in_log else nullcontext()
+    with line, ThreadPoolExecutor(max_workers=workers) as pool, tqdm(
         total=len(paths), desc=desc, unit="img", file=sys.stderr,
-        disable=not progress or len(paths) < _MANY_FILES, leave=False,
+        disable=not progress or in_log or len(paths) < _MANY_FILES, leave=False,
     ) as bar:
         for i, array in enumerate(pool.map(lambda p: _decode_one(p, size), paths, chunksize=64)):
             out[i] = array
@@ -627,6 +739,12 @@ class SvhnSpec(DatasetSpec):
     def download_urls(self) -> tuple[str, ...]:
         return tuple(_join_url(self.url or "", f) for f in self.files)
 
+    def source_kind(self) -> str:
+        return f"the folder holding {' and '.join(self.files)}"
+
+    def unpacked_by_hand(self, where: Path) -> str:
+        return f"download {' and '.join(self.download_urls())} into {where}"
+
     def _read(self, path: Path) -> tuple[torch.Tensor, torch.Tensor]:
         import scipy.io
 
@@ -679,6 +797,11 @@ class TinyImageNetSpec(DatasetSpec):
 
     def expected_files(self) -> tuple[str, ...]:
         return ("train/<wnid>/images/*.JPEG", "val/<wnid>/*.JPEG")
+
+    def unpacked_by_hand(self, where: Path) -> str:
+        # prepare sorts the zip's flat val/images/ into class folders itself (see adopt).
+        return (f"unpack {self.source_kind()} into {where.parent} so that {where} holds train/ and "
+                "val/ as in the zip (val/images/ and val/val_annotations.txt)")
 
     def load(self, root: Path, *, progress: bool = True) -> ImageDataset:
         assert self.folder is not None and self.mean is not None and self.std is not None

@@ -46,6 +46,73 @@ def check_config(config: dict) -> None:
                 f"config grids.{name}.datasets: {', '.join(missing)} not described under `datasets` "
                 f"(num_classes, img_size); described: {', '.join(datasets)}"
             )
+    check_datasets(config)
+
+
+# ---------------------------------------------------------------- datasets
+
+
+def registered_datasets() -> list[str]:
+    """The package's dataset names, read from the schema (a test keeps the two equal), so parsing
+    the workflow imports no torch."""
+    schema = Path(workflow.basedir, "workflow", "schemas", "config.schema.yaml")
+    return yaml.safe_load(schema.read_text())["$defs"]["dataset"]["enum"]
+
+
+def kind_of(name: str, info: dict) -> str:
+    """The registered dataset an entry reads: its `kind`, else its own name."""
+    return info.get("kind", name)
+
+
+def check_datasets(config: dict) -> None:
+    """Entries name what they read; the selected grid's image folders match their entries."""
+    registered, datasets = registered_datasets(), config["datasets"]
+    for name, info in datasets.items():
+        if kind_of(name, info) not in registered:
+            raise ValueError(
+                f"config datasets.{name}: not a registered dataset ({', '.join(registered)}); for a "
+                "folder of your own images add kind: folder and path: <its train/ + val/ tree>"
+            )
+        if "kind" in info and name in registered and name != info["kind"]:
+            raise ValueError(f"config datasets.{name}: {name} is a registered dataset; give this "
+                             f"{info['kind']} another name")
+        if kind_of(name, info) == "folder" and info.get("prepared"):
+            raise ValueError(f"config datasets.{name}: a folder is read in place and has nothing to "
+                             "prepare; remove `prepared`")
+    for recipe_name, recipe in config["recipes"].items():
+        unknown = [d for d in recipe.get("per_dataset", {}) if d not in datasets]
+        if unknown:
+            raise ValueError(f"config recipes.{recipe_name}.per_dataset: {', '.join(unknown)} not "
+                             f"described under `datasets`; described: {', '.join(datasets)}")
+    # The data is part of the environment, which `snakemake --lint` does not check (it turns off
+    # the check of the workflow's own `envvars` too): linting needs no dataset.
+    if not getattr(workflow, "check_envvars", True):
+        return
+    for name in config["grids"][config["grid"]]["datasets"]:
+        info = datasets[name]
+        if kind_of(name, info) == "folder":
+            check_folder(name, info, Path(info.get("path") or config["data_root"]))
+
+
+def check_folder(name: str, info: dict, path: Path) -> None:
+    """A missing folder or a wrong class count fails now rather than in every training job (a
+    wrong num_classes would otherwise size the measured models' heads wrongly)."""
+    shown = path.resolve()
+    if not path.is_dir():
+        raise ValueError(f"config datasets.{name}.path: {shown} does not exist or is not a folder; it "
+                         "must hold train/<class>/<images> and val/<class>/<images> (or test/)")
+    train = path / "train"
+    if not train.is_dir():
+        raise ValueError(f"config datasets.{name}.path: {shown} has no train/ folder; it must hold "
+                         "train/<class>/<images> and val/<class>/<images> (or test/)")
+    # As gmmvit.data counts classes: the subfolders of train/ that are not hidden.
+    classes = sum(1 for p in train.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if classes != info["num_classes"]:
+        raise ValueError(
+            f"config datasets.{name}.num_classes is {info['num_classes']}, but {shown / 'train'} "
+            f"has {classes} class folders: set num_classes: {classes}, or point path at the "
+            "intended folder"
+        )
 
 
 # ---------------------------------------------------------------- the grid's cells
@@ -87,6 +154,17 @@ def dataset_root(dataset: str) -> str:
     return config["datasets"][dataset].get("path") or config["data_root"]
 
 
+def dataset_arguments(dataset: str) -> list[str]:
+    """`gmmvit train`'s options for a cell's data. A folder is decoded at the config's img_size; a
+    registered dataset gets its data root only, so config values it does not read (its img_size)
+    are not params, and changing them retrains nothing."""
+    info = config["datasets"][dataset]
+    if kind_of(dataset, info) != "folder":
+        return ["--data-root", dataset_root(dataset)]
+    return ["--dataset-kind", "folder", "--dataset-path", dataset_root(dataset),
+            "--img-size", str(info["img_size"])]
+
+
 def image_size(recipe: str, dataset: str) -> int:
     return recipe_overrides(recipe, dataset).get("img_size") or config["datasets"][dataset]["img_size"]
 
@@ -94,7 +172,7 @@ def image_size(recipe: str, dataset: str) -> int:
 # ---------------------------------------------------------------- paths
 # Functions, not constants: this file is included before the config is validated.
 
-PLOTS = ["accuracy", "mask_delta", "learning_curves", "vs_paper"]
+PLOTS = ["accuracy", "paired_difference", "learning_curves", "vs_paper"]  # gmmvit.report.PLOTS
 
 
 def results(path: str) -> str:
@@ -120,7 +198,8 @@ def grid_files(name: str) -> list[str]:
 
 
 def report_tables() -> list[str]:
-    return [results(name) for name in ("table.md", "table_last.md", "table.csv")]
+    """The headline (selected epoch), the best test epoch (the paper's), the last epoch, the tidy CSV."""
+    return [results(name) for name in ("table.md", "table_best.md", "table_last.md", "table.csv")]
 
 
 def report_plots() -> list[str]:

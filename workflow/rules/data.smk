@@ -1,5 +1,6 @@
 # Downloads happen here, once per dataset, never inside training jobs. A local rule: cluster compute
-# nodes often have no internet.
+# nodes often have no internet. Without access to the official address, set GMMVIT_<NAME>_URL (a
+# mirror's URL or a local archive) in snakemake's environment; a failed job's log says what else works.
 
 
 rule prepare:

@@ -12,7 +12,7 @@ rule train:
     params:
         base=lambda wildcards: config["recipes"][wildcards.recipe]["base"],
         overrides=lambda wildcards: overrides_json(wildcards.recipe, wildcards.dataset),
-        data_root=lambda wildcards: dataset_root(wildcards.dataset),
+        data=lambda wildcards: dataset_arguments(wildcards.dataset),
         out_dir=lambda wildcards, output: Path(output.metrics).parent,
     log:
         cell_log(),
@@ -25,11 +25,15 @@ rule train:
         mem_mb=config["resources"]["train"]["mem_mb"],
         runtime=config["resources"]["train"]["runtime"],
         gpu=config["resources"]["train"].get("gpu", 0),  # 0: a CPU job (SLURM asks for no GPU)
+        # A resource, not a param: keeping checkpoints changes no number, so flipping it must rerun
+        # nothing (Snakemake reruns on changed params, never on resources). A string: not consumable.
+        keep_checkpoint="yes" if config.get("keep_checkpoints") else "no",
     conda:
         "../../envs/gmmvit.yaml"
     shell:
         "gmmvit train --dataset {wildcards.dataset} --model {wildcards.model} --mask {wildcards.mask}"
         " --seed {wildcards.seed} --recipe {params.base} --recipe-name {wildcards.recipe}"
         " --overrides {params.overrides:q}"
-        " --data-root {params.data_root:q} --threads {threads} --out {params.out_dir:q}"
+        " {params.data:q} --threads {threads} --out {params.out_dir:q}"
+        " --keep-checkpoint {resources.keep_checkpoint}"
         " > {log:q} 2>&1"
