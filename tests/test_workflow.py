@@ -214,8 +214,9 @@ def test_paper_grid_dry_run_with_everything_built_does_nothing(tmp_path: Path) -
          for k in grid["masks"] for s in grid["seeds"] for f in ("metrics.json", "history.csv")]
         + [f"results/measure/{m}-{k}-{size}px-{classes}c.json" for m in grid["models"] for k in grid["masks"]
            for size, classes in ((32, 10), (32, 100), (64, 200))],
-        [f"results/{name}" for name in ("table.md", "table_last.md", "table.csv")]
-        + [f"results/plots/{name}.png" for name in ("accuracy", "mask_delta", "learning_curves", "vs_paper")],
+        [f"results/{name}" for name in ("table.md", "table_best.md", "table_last.md", "table.csv")]
+        + [f"results/plots/{name}.png"
+           for name in ("accuracy", "paired_difference", "learning_curves", "vs_paper")],
     ]
     for source in (work / "src").rglob("*"):
         os.utime(source, (now - 1000, now - 1000))
@@ -251,16 +252,19 @@ def test_build_writes_every_cell_and_a_table_of_their_numbers(built: Path) -> No
     for dataset, mask in CELLS:
         record = json.loads((built / metrics(dataset, mask)).read_text())
         row = table[(table["dataset"] == dataset) & (table["mask"] == mask)]
-        for key in ("model", "seed", "best_top1", "best_epoch", "last_top1", "params", "recipe"):
+        for key in ("model", "seed", "selected_top1", "selected_epoch", "best_top1", "best_epoch",
+                    "last_top1", "params", "recipe", "selection", "learned", "source_hash"):
             assert row[key].item() == record[key], (dataset, mask, key)
         assert row["macs_all"].notna().item()  # its measure (10 or 2 classes) was found
-        none = json.loads((built / metrics(dataset, "none")).read_text())["best_top1"]
+        # the headline is the validation-selected epoch; one seed claims no difference
+        assert record["selection"] == "val"
         shown = rows["ViT" if mask == "none" else "GMM-ViT"][dataset.capitalize()]
-        delta = "" if mask == "none" else f" [{record['best_top1'] - none:+.2f}]"
-        assert shown == f"{record['best_top1']:.2f}{delta}"
+        flag = "" if record["learned"] else " ✗"
+        assert shown == f"{record['selected_top1']:.2f}" + (" (n=1)" if record["learned"] else flag)
+        assert "[" not in shown
         assert (built / metrics(dataset, mask)).with_name("history.csv").is_file()
     assert (built / "results/measure/vit-gmm-32px-2c.json").is_file()
-    for plot in ("accuracy", "mask_delta", "learning_curves", "vs_paper"):
+    for plot in ("accuracy", "paired_difference", "learning_curves", "vs_paper"):
         assert (built / f"results/plots/{plot}.png").stat().st_size > 0
 
 
@@ -269,6 +273,13 @@ def test_second_run_does_nothing(built: Path) -> None:
     assert "Nothing to be done" in out.stdout + out.stderr
     # the cluster profile parses and agrees (its executor is not used in a dry run)
     out = snakemake(built, "--dry-run", "--workflow-profile", str(REPO / "workflow/profiles/slurm"))
+    assert "Nothing to be done" in out.stdout + out.stderr
+
+
+def test_finished_cells_drop_their_checkpoints_and_keeping_them_reruns_nothing(built: Path) -> None:
+    assert not list((built / "results/runs").rglob("checkpoint.pt"))
+    assert len(list((built / "results/runs").rglob("mask_params.pt"))) == len(CELLS)
+    out = snakemake(built, "--dry-run", "--config", "keep_checkpoints=True")
     assert "Nothing to be done" in out.stdout + out.stderr
 
 
@@ -344,3 +355,57 @@ def test_failing_cell_names_its_log_and_the_rest_still_builds(built: Path) -> No
         assert "diverged" in (built / f"results/logs/train/smoke/folder/vit-{mask}/seed1.log").read_text()
         assert not (built / metrics("folder", mask, seed=1)).exists()  # a failed run leaves no record
         assert (built / metrics("digits", mask, seed=1)).is_file()  # --keep-going built the others
+
+
+# ---------------------------------------------------------------- image folders of your own, by name
+
+
+def two_folders_config(work: Path) -> dict:
+    """The tiny grid over two named image folders, decoded at different sizes."""
+    config = tiny_config(work)
+    config["grids"]["tiny"]["datasets"] = ["flowers", "insects"]
+    config["recipes"]["smoke"]["per_dataset"] = {"insects": {"epochs": 2}}
+    config["datasets"] |= {
+        "flowers": {"kind": "folder", "path": "flowers", "num_classes": 2, "img_size": 40},
+        "insects": {"kind": "folder", "path": str(work / "my insects"), "num_classes": 2, "img_size": 24},
+    }
+    return config
+
+
+def test_named_folder_datasets_reach_training_at_their_img_size(tmp_path: Path) -> None:
+    work = make_workdir(tmp_path, two_folders_config(tmp_path))
+    for folder in ("flowers", "my insects"):
+        write_folder_dataset(work / folder)
+    out = snakemake(work, "--dry-run", "--printshellcmds")
+    text = out.stdout + out.stderr
+    for name, path, size in (("flowers", "flowers", 40), ("insects", f"'{work / 'my insects'}'", 24)):
+        for mask in ("none", "gmm"):
+            command = next(line for line in text.splitlines()
+                           if f"gmmvit train --dataset {name} --model vit --mask {mask} " in line)
+            assert f" --dataset-kind folder --dataset-path {path} --img-size {size} " in command
+        assert f"results/measure/vit-gmm-{size}px-2c.json" in text  # the measured model's size too
+    assert "--overrides '{\"epochs\": 2, " in text  # per_dataset takes a folder's name
+
+
+@pytest.mark.parametrize("breakage", ["num-classes", "no-folder", "unregistered-name"])
+def test_folder_dataset_mismatch_fails_before_any_job(tmp_path: Path, breakage: str) -> None:
+    config = two_folders_config(tmp_path)
+    flowers = tmp_path / "flowers"
+    if breakage == "num-classes":
+        config["datasets"]["flowers"]["num_classes"] = 5
+        expected = [f"config datasets.flowers.num_classes is 5, but {flowers / 'train'} has 2 class folders"]
+    elif breakage == "no-folder":
+        config["datasets"]["flowers"]["path"] = "nowhere"
+        expected = [f"config datasets.flowers.path: {tmp_path / 'nowhere'} does not exist"]
+    else:
+        del config["datasets"]["flowers"]["kind"]
+        expected = ["config datasets.flowers: not a registered dataset", "kind: folder and path"]
+    work = make_workdir(tmp_path, config)
+    for folder in ("flowers", "my insects"):
+        write_folder_dataset(work / folder)
+    out = snakemake(work, "--dry-run", check=False)
+    text = out.stdout + out.stderr
+    assert out.returncode != 0
+    for message in expected:
+        assert message in text, text
+    assert "Job stats" not in text and not (work / "results").exists()

@@ -11,9 +11,10 @@ rule report:
         code=src_files("report.py"),
         reference=src_files("reference/paper_table.csv"),
     output:
-        table=report(report_tables()[0], category="Tables", labels={"table": "best epoch"}),
-        table_last=report(report_tables()[1], category="Tables", labels={"table": "last epoch"}),
-        csv=report(report_tables()[2], category="Tables", labels={"table": "all cells"}),
+        table=report(report_tables()[0], category="Tables", labels={"table": "selected epoch"}),
+        table_best=report(report_tables()[1], category="Tables", labels={"table": "best test epoch"}),
+        table_last=report(report_tables()[2], category="Tables", labels={"table": "last epoch"}),
+        csv=report(report_tables()[3], category="Tables", labels={"table": "all cells"}),
         plots=[
             report(plot, category="Plots", labels={"plot": Path(plot).stem}) for plot in report_plots()
         ],
