@@ -206,3 +206,11 @@ def test_t2t_position_table_is_the_official_float64_table():
     angle = position / np.power(10000, 2 * (channel // 2) / dim)  # numpy: float64 throughout
     official = np.where(channel % 2 == 0, np.sin(angle), np.cos(angle)).astype(np.float32)
     assert torch.equal(sinusoid_table(n, dim)[0], torch.from_numpy(official))
+
+
+@pytest.mark.parametrize("name", list(PAPER))
+def test_layer_norms_use_the_official_eps(name):
+    # The official models use PyTorch's default LayerNorm eps, 1e-5 (timm's ViT default is 1e-6).
+    model = build_model(name)
+    eps = {m.eps for m in model.modules() if isinstance(m, torch.nn.LayerNorm)}
+    assert eps == {1e-5}

@@ -9,6 +9,7 @@ from __future__ import annotations
 from functools import partial
 
 from timm.models.vision_transformer import Block, VisionTransformer
+from torch import nn
 
 from ..attention import MaskedAttention
 from . import register_model
@@ -55,6 +56,7 @@ def vit(
         qkv_bias=False,
         class_token=False,
         global_pool="avg",
+        norm_layer=partial(nn.LayerNorm, eps=1e-5),  # the official eps (timm's default: 1e-6)
         block_fn=partial(MaskedBlock, mask_factory=mask_factory, grid=grid),
     )
     official_init(model, [model.pos_embed])
