@@ -66,6 +66,20 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
 
 
+CHECK_EVERY = 50  # steps between finiteness checks of the loss (each check waits for the device)
+
+
+def check_finite(loss_sum: Tensor, epoch: int, step: int, checked_up_to: int,
+                 optimizer: torch.optim.Optimizer) -> None:
+    """Raise if any loss since the epoch began was NaN or infinite (losses are >= 0, so their sum
+    is finite exactly when every one of them is)."""
+    if not torch.isfinite(loss_sum):
+        raise TrainingDiverged(
+            f"loss is {loss_sum.item()} at epoch {epoch + 1}, step {checked_up_to + 1}-{step + 1}: "
+            f"training diverged (lr {optimizer.param_groups[0]['lr']:.3g}); no metrics written"
+        )
+
+
 @dataclass(frozen=True)
 class Cell:
     dataset: str
@@ -339,28 +353,30 @@ def train_cell(
     for epoch in range(start_epoch, recipe.epochs):
         model.train()
         t0 = time.perf_counter()
-        loss_sum, seen = 0.0, 0
+        loss_sum, seen, checked_up_to = torch.zeros((), dtype=torch.float64, device=device), 0, 0
         bar = tqdm(loader, total=n_steps, desc=f"epoch {epoch + 1}/{recipe.epochs}",
                    disable=not progress, leave=False, dynamic_ncols=True)
         for step, (x, y) in enumerate(bar):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             x, target = mixer(x, y)
             loss = soft_cross_entropy(model(x), target, recipe.label_smoothing)
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(
-                    f"loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}: training diverged "
-                    f"(lr {optimizer.param_groups[0]['lr']:.3g}); no metrics written"
-                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if recipe.grad_clip:
                 nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
             optimizer.step()
             scheduler.step_update(epoch * n_steps + step + 1)
-            loss_sum += loss.item() * len(y)
+            # Summed on the device in float64 (as a Python float would be): reading the loss every
+            # step would make the host wait for the device at every step.
+            loss_sum += loss.detach().double() * len(y)
             seen += len(y)
+            if (step + 1) % CHECK_EVERY == 0:
+                check_finite(loss_sum, epoch, step, checked_up_to, optimizer)
+                checked_up_to = step + 1
             if progress:
-                bar.set_postfix(loss=f"{loss_sum / seen:.3f}")
+                bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}")
+        check_finite(loss_sum, epoch, step, checked_up_to, optimizer)
+        loss_sum = loss_sum.item()
         epoch_seconds = time.perf_counter() - t0
         train_seconds += epoch_seconds
         val_loss, val_top1 = (evaluate(model, val_x, val_y, test_tf, recipe.eval_batch_size, device)
