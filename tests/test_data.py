@@ -6,6 +6,7 @@ import dataclasses
 import gzip
 import io
 import json
+import os
 import pickle
 import re
 import tarfile
@@ -714,7 +715,7 @@ def test_decoding_progress_is_one_line_in_a_log_and_a_bar_on_a_terminal(
                         r"decoding pets test: 2 images at 16px \.\.\. done in \d+ s\n", err), err
 
     monkeypatch.setattr(data, "_on_terminal", lambda: True)
-    load_dataset("folder", path=tree, img_size=16, name="pets")
+    load_dataset("folder", path=tree, img_size=12, name="pets")  # 16 px is now cached: decode 12
     err = capsys.readouterr().err
     assert "\r" in err and "decoding" not in err  # tqdm's bar, redrawn in place
 
@@ -761,3 +762,70 @@ def test_cli_train_unknown_name_suggests_folder_kind(tmp_path: Path,
     assert cli.main(["train", "--dataset", "flowers", "--model", "vit", "--recipe", "smoke",
                      "--out", str(tmp_path / "out")]) == 2
     assert "--dataset-kind folder --dataset-path" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the decoded-once cache
+
+
+def _no_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("decoded the image files although a current cache exists")
+
+    monkeypatch.setattr(data, "_decode_images", refuse)
+
+
+def test_tinyimagenet_prepare_writes_the_decoded_cache(tmp_path: Path, server: FileServer,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    url = server.add("/tiny-imagenet-200.zip", make_tiny_zip())
+    folder = prepare_dataset("tinyimagenet", root=tmp_path, url=url, progress=False,
+                             expected=TINY_SMALL)
+    cache = folder / data.CACHE_DIR / "64px"
+    assert {p.name for p in cache.iterdir()} == {
+        "cache.json", "train_images.npy", "train_labels.npy", "test_images.npy", "test_labels.npy"}
+    _no_decoding(monkeypatch)  # training jobs read the arrays; they decode nothing
+    ds = load_dataset("tinyimagenet", root=tmp_path, progress=False)
+    assert ds.train_images.shape == (4, 3, 64, 64) and ds.train_labels.tolist() == [0, 0, 1, 1]
+    assert np.load(cache / "train_images.npy", mmap_mode="r").shape == (4, 3, 64, 64)
+
+
+def test_folder_cache_is_used_when_current_and_rebuilt_when_not(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    tree = make_tree(tmp_path / "pets")
+    first = load_dataset("folder", root=tree, img_size=16, progress=False)
+    cache = tree / data.CACHE_DIR / "16px"
+    assert (cache / "cache.json").is_file()
+    decode = data._decode_images
+    calls: list[int] = []
+
+    def counting(paths, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(len(paths))
+        return decode(paths, *args, **kwargs)
+
+    monkeypatch.setattr(data, "_decode_images", counting)
+
+    def load() -> data.ImageDataset:
+        return load_dataset("folder", root=tree, img_size=16, progress=False)
+
+    again = load()  # current: read back, nothing decoded, the very same arrays
+    assert calls == [] and torch.equal(again.train_images, first.train_images)
+    assert torch.equal(again.test_labels, first.test_labels) and again.classes == first.classes
+    load_dataset("folder", root=tree, img_size=8, progress=False)  # another size: its own cache
+    assert calls == [4, 2] and (tree / data.CACHE_DIR / "8px" / "cache.json").is_file()
+
+    calls.clear()  # stale: an image added
+    _png(tree / "train" / "dog" / "new.png", (0, 0, 90), (16, 16))
+    assert load().train_images.shape[0] == 5 and calls == [5, 2]
+    calls.clear()  # stale: an image rewritten in place (new mtime)
+    os.utime(tree / "train" / "cat" / "0.png", ns=(1, 1))
+    load()
+    assert calls == [5, 2]
+    calls.clear()  # partial: a job killed before cache.json, the last file, was written
+    (cache / "cache.json").unlink()
+    load()
+    assert calls == [5, 2]
+    calls.clear()  # foreign: arrays that do not fit the tree they claim to be
+    np.save(cache / "train_images.npy", np.zeros((5, 3, 4, 4), dtype=np.uint8))
+    assert load().train_images.shape == (5, 3, 16, 16) and calls == [5, 2]
+    calls.clear()
+    load()
+    assert calls == []

@@ -19,6 +19,7 @@ Adding a dataset = one :class:`DatasetSpec` subclass instance in :data:`DATASETS
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import http.client
 import json
 import os
@@ -36,7 +37,7 @@ import zipfile
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -181,6 +182,9 @@ class DatasetSpec:
 
     def adopt(self, folder: Path, origin: str) -> None:
         """Finish the layout of a folder unpacked by hand before verifying it (default: nothing)."""
+
+    def warm_cache(self, root: Path, progress: bool) -> None:
+        """Decode once at prepare time what every training job would decode (default: nothing)."""
 
     def source_kind(self) -> str:
         """What ``--url`` must point at, in words (default: the official archive's file name)."""
@@ -334,6 +338,7 @@ def prepare_dataset(
                 raise DatasetError(f"{err}\n  {final} exists but is not a complete {name} dataset; "
                                    "remove it and prepare again.") from None
             _write_marker(final, name, counts, source=str(final), md5_checked=False)
+            spec.warm_cache(root, progress)
             return final
 
         for stale in root.glob(f".prepare-{name}-*"):
@@ -359,6 +364,7 @@ def prepare_dataset(
             _write_marker(final, name, counts, source=source, md5_checked=official)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        spec.warm_cache(root, progress)
     return final
 
 
@@ -540,8 +546,9 @@ def _decode_one(path: Path, size: int) -> np.ndarray:
 
 def _decode_images(paths: Sequence[Path], size: int, desc: str, progress: bool) -> torch.Tensor:
     out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
-    # PIL releases the GIL while decoding, so threads give a real speed-up.
-    workers = min(4, os.cpu_count() or 1)
+    # PIL releases the GIL while decoding, so threads give a real speed-up; as many as the job was
+    # granted (torch reads OMP_NUM_THREADS, which Snakemake and SLURM jobs set), not the machine's.
+    workers = max(1, min(8, torch.get_num_threads()))
     in_log = progress and not _on_terminal()
     line = _stage(f"decoding {desc}: {len(paths)} images at {size}px") if in_log else nullcontext()
     with line, ThreadPoolExecutor(max_workers=workers) as pool, tqdm(
@@ -596,6 +603,91 @@ def _load_tree(name: str, classes: Sequence[str], split: dict[str, list[Path]], 
     paths = [p for c in classes for p in split[c]]
     labels = torch.tensor([i for i, c in enumerate(classes) for _ in split[c]], dtype=torch.int64)
     return _decode_images(paths, size, f"{name} {desc}", progress), labels
+
+
+# --------------------------------------------------------------------------------------------
+# Decoded-once cache of image trees (Tiny-ImageNet, folders): decoding 100,000 JPEGs takes about a
+# minute, reading the arrays back about a second. The cache sits beside the originals in
+# ``<tree>/.gmmvit-cache/<size>px/``: four .npy arrays and ``cache.json``, written last, which holds
+# the key of the tree it was made from (every image's relative path, size and mtime, the image
+# size and the format version). A partial cache (no cache.json), a stale one (images added, removed
+# or touched) or a foreign one (another tree's key, arrays of the wrong shape) is rebuilt, never used.
+
+CACHE_DIR = ".gmmvit-cache"
+CACHE_FORMAT = 1
+_CACHE_ARRAYS = ("train_images", "train_labels", "test_images", "test_labels")
+
+
+def _tree_key(root: Path, classes: Sequence[str], splits: Sequence[dict[str, list[Path]]],
+              size: int) -> str:
+    digest = hashlib.sha256(f"format {CACHE_FORMAT}, {size}px, classes {list(classes)}".encode())
+    for split in splits:
+        digest.update(b"split")
+        for cls in classes:
+            for path in split[cls]:
+                stat = path.stat()
+                digest.update(f"{path.relative_to(root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def _read_cache(folder: Path, key: str, counts: Sequence[int], size: int
+                ) -> tuple[torch.Tensor, ...] | None:
+    try:
+        meta = json.loads((folder / "cache.json").read_text())
+        if meta.get("key") != key:
+            return None
+        arrays = [np.load(folder / f"{name}.npy", allow_pickle=False) for name in _CACHE_ARRAYS]
+    except (OSError, ValueError):  # absent, partial or unreadable: rebuild
+        return None
+    n_train, n_test = counts
+    shapes = [(n_train, 3, size, size), (n_train,), (n_test, 3, size, size), (n_test,)]
+    dtypes = [np.uint8, np.int64, np.uint8, np.int64]
+    if any(a.shape != s or a.dtype != d for a, s, d in zip(arrays, shapes, dtypes)):
+        return None
+    return tuple(torch.from_numpy(a) for a in arrays)
+
+
+def _write_cache(folder: Path, key: str, tensors: Sequence[torch.Tensor]) -> None:
+    # Staged in a temporary folder and renamed: a reader sees a whole cache or none.
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        for name, tensor in zip(_CACHE_ARRAYS, tensors):
+            np.save(staging / f"{name}.npy", tensor.numpy())
+        (staging / "cache.json").write_text(json.dumps({"key": key, "format": CACHE_FORMAT}) + "\n")
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _load_tree_cached(name: str, root: Path, classes: Sequence[str], train: dict[str, list[Path]],
+                      evaluation: dict[str, list[Path]], size: int, eval_desc: str, progress: bool
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Both splits of an image tree, from its decoded cache when that is current, else decoded from
+    the files (and cached for the next job, if the tree's folder is writable)."""
+    folder = root / CACHE_DIR / f"{size}px"
+    key = _tree_key(root, classes, (train, evaluation), size)
+    counts = (sum(len(train[c]) for c in classes), sum(len(evaluation[c]) for c in classes))
+    if (cached := _read_cache(folder, key, counts, size)) is not None:
+        return cached  # type: ignore[return-value]
+    with ExitStack() as stack:
+        try:  # one job decodes, concurrent jobs of the same tree wait and then read its cache
+            (root / CACHE_DIR).mkdir(exist_ok=True)
+            stack.enter_context(_exclusive(root / CACHE_DIR / f".{size}px.lock"))
+            writable = True
+        except OSError:  # a read-only tree: decode every time
+            writable = False
+        if writable and (cached := _read_cache(folder, key, counts, size)) is not None:
+            return cached  # type: ignore[return-value]
+        train_x, train_y = _load_tree(name, classes, train, size, "train", progress)
+        test_x, test_y = _load_tree(name, classes, evaluation, size, eval_desc, progress)
+        if writable:
+            try:
+                _write_cache(folder, key, (train_x, train_y, test_x, test_y))
+            except OSError as err:
+                print(f"{name}: could not cache the decoded images in {folder}: {err}", file=sys.stderr)
+    return train_x, train_y, test_x, test_y
 
 
 # --------------------------------------------------------------------------------------------
@@ -813,8 +905,8 @@ class TinyImageNetSpec(DatasetSpec):
                                      problem="dataset not yet prepared in")
         train, val = _scan_tree(folder / "train", folder / "val")
         classes = tuple(train)
-        train_x, train_y = _load_tree(self.name, classes, train, self.img_size, "train", progress)
-        test_x, test_y = _load_tree(self.name, classes, val, self.img_size, "val", progress)
+        train_x, train_y, test_x, test_y = _load_tree_cached(
+            self.name, folder, classes, train, val, self.img_size, "val", progress)
         return ImageDataset(self.name, train_x, train_y, test_x, test_y, len(classes), self.mean,
                             self.std, self.autoaugment, classes)
 
@@ -827,6 +919,9 @@ class TinyImageNetSpec(DatasetSpec):
         staged = _top_folder(tmp / "unpacked", self.folder, source)
         self._sort_val(staged / "val", source)
         return staged
+
+    def warm_cache(self, root: Path, progress: bool) -> None:
+        self.load(root, progress=progress)  # writes the decoded cache the training jobs read
 
     def adopt(self, folder: Path, origin: str) -> None:
         # The official zip unpacked by hand: sorting in place is what the user wants, and it
@@ -886,10 +981,11 @@ class FolderSpec(DatasetSpec):
              progress: bool = True) -> ImageDataset:
         if img_size < 1:
             raise ValueError(f"img_size must be positive, got {img_size}")
-        train, evaluation = self.validate(Path(path) if path is not None else root)
+        tree = Path(path) if path is not None else root
+        train, evaluation = self.validate(tree)
         classes = tuple(train)
-        train_x, train_y = _load_tree(self.name, classes, train, img_size, "train", progress)
-        test_x, test_y = _load_tree(self.name, classes, evaluation, img_size, "test", progress)
+        train_x, train_y, test_x, test_y = _load_tree_cached(
+            self.name, tree, classes, train, evaluation, img_size, "test", progress)
         mean, std = _channel_stats(train_x)
         return ImageDataset(self.name, train_x, train_y, test_x, test_y, len(classes), mean, std,
                             self.autoaugment, classes)
