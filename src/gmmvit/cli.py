@@ -24,6 +24,14 @@ def _measure(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    if args.device_slots != "none":
+        # first thing: the claim sets CUDA_VISIBLE_DEVICES, which CUDA reads once, when torch
+        # initialises it (importing torch, as the parser's registries do, does not)
+        from .devices import claim_device_slot
+
+        slot = claim_device_slot(args.device_slots, args.cells_per_gpu)
+        if slot is not None:
+            print(f"GPU slot {slot} (device {slot.device}) claimed under {args.device_slots}", flush=True)
     from .data import dataset_names, load_dataset
     from .recipe import resolve_recipe
     from .train import Cell, train_cell
@@ -95,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="CPU threads (default: from the environment)")
     p.add_argument("--keep-checkpoint", choices=("yes", "no"), default="no",
                    help="keep checkpoint.pt once the cell is done (default: remove it, ~60 MB)")
+    p.add_argument("--device-slots", default="none", metavar="FOLDER",
+                   help="on a box with several GPUs, claim a free (device, k) slot under FOLDER and "
+                   "train on that device only (default none: the first visible device)")
+    p.add_argument("--cells-per-gpu", type=int, default=1, help="with --device-slots: cells per device")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("prepare", help="download, unpack and verify a dataset under the data root")

@@ -125,14 +125,21 @@ def set_determinism(on: bool) -> None:
 
 
 def run_environment(device: torch.device) -> dict[str, Any]:
-    """Where the cell ran: device, CPU capability (it changes float rounding), host, SLURM job."""
+    """Where the cell ran: device, CPU capability (it changes float rounding), host, and what the
+    scheduler granted: SLURM job, node, CPUs, GPU ids (SLURM's or a local device slot's)."""
     cuda = device.type == "cuda"
+    granted_cpus = os.environ.get("SLURM_CPUS_PER_TASK") or os.environ.get("SLURM_CPUS_ON_NODE")
     return {
         "device": torch.cuda.get_device_name(device) if cuda else str(device),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "threads": torch.get_num_threads(),
         "host": socket.gethostname(),
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "slurm_node": os.environ.get("SLURMD_NODENAME"),
+        "granted_cpus": int(granted_cpus) if granted_cpus and granted_cpus.isdigit() else None,
+        # the physical ids behind cuda:0..: SLURM sets them for --gpus, gmmvit.devices for a slot
+        "gpu_ids": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "device_slot": os.environ.get("GMMVIT_DEVICE_SLOT"),
     }
 
 

@@ -198,8 +198,10 @@ def grid_files(name: str) -> list[str]:
 
 
 def report_tables() -> list[str]:
-    """The headline (selected epoch), the best test epoch (the paper's), the last epoch, the tidy CSV."""
-    return [results(name) for name in ("table.md", "table_best.md", "table_last.md", "table.csv")]
+    """The headline (selected epoch), the best test epoch (the paper's), the last epoch, the tidy CSV,
+    and the three tables as one HTML page (what the HTML report shows inline)."""
+    names = ("table.md", "table_best.md", "table_last.md", "table.csv", "tables.html")
+    return [results(name) for name in names]
 
 
 def report_plots() -> list[str]:
@@ -246,6 +248,21 @@ def src_files(*patterns: str) -> list[str]:
             raise ValueError(f"config src_dir: {root} has no {pattern} (is it the gmmvit package folder?)")
         files += found
     return files
+
+
+def train_resources() -> dict[str, Any]:
+    """resources.train, or resources.train_gpu with `train_on: gpu` (the paper grid on GPUs)."""
+    if config.get("train_on", "cpu") == "gpu":
+        if "train_gpu" not in config["resources"]:
+            raise ValueError("config train_on=gpu needs resources.train_gpu (threads, mem_mb, runtime, gpu)")
+        return config["resources"]["train_gpu"]
+    return config["resources"]["train"]
+
+
+def device_slots_argument() -> str:
+    """`gmmvit train --device-slots`: where a local GPU job claims its (device, k) slot; "none" for
+    CPU jobs. Under SLURM the job skips the claim (SLURM hands out the devices)."""
+    return results("device-slots") if train_resources().get("gpu", 0) > 0 else "none"
 
 
 def train_inputs(wildcards) -> dict[str, Any]:

@@ -20,14 +20,18 @@ rule train:
         model="[a-z0-9_]+",
         mask="[a-z0-9_]+",
         seed=r"\d+",
-    threads: config["resources"]["train"]["threads"]
+    threads: train_resources()["threads"]
     resources:
-        mem_mb=config["resources"]["train"]["mem_mb"],
-        runtime=config["resources"]["train"]["runtime"],
-        gpu=config["resources"]["train"].get("gpu", 0),  # 0: a CPU job (SLURM asks for no GPU)
+        mem_mb=train_resources()["mem_mb"],
+        runtime=train_resources()["runtime"],
+        gpu=train_resources().get("gpu", 0),  # 0: a CPU job (SLURM asks for no GPU)
         # A resource, not a param: keeping checkpoints changes no number, so flipping it must rerun
         # nothing (Snakemake reruns on changed params, never on resources). A string: not consumable.
         keep_checkpoint="yes" if config.get("keep_checkpoints") else "no",
+        # Local GPU runs: the job claims a free (device, k) slot (gmmvit.devices); strings, like
+        # keep_checkpoint: where a cell ran changes no number, so changing these reruns nothing.
+        device_slots=device_slots_argument(),
+        cells_per_gpu=str(config.get("cells_per_gpu", 1)),
     conda:
         "../../envs/gmmvit.yaml"
     shell:
@@ -36,4 +40,5 @@ rule train:
         " --overrides {params.overrides:q}"
         " {params.data:q} --threads {threads} --out {params.out_dir:q}"
         " --keep-checkpoint {resources.keep_checkpoint}"
+        " --device-slots {resources.device_slots:q} --cells-per-gpu {resources.cells_per_gpu}"
         " > {log:q} 2>&1"

@@ -1,0 +1,27 @@
+"""Shared fixtures. `slurm_cluster`: a real single-node SLURM cluster for the whole session."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from slurm_cluster import ClusterUnavailable, SlurmCluster, start_cluster
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
+    """Started once, on first use; its daemons are stopped by pid when the session ends. Where SLURM
+    is missing or does not start, the tests that use it are skipped with the reason, except in CI
+    (CI=true), where that is a failure: CI installs SLURM and must run them."""
+    try:
+        cluster = start_cluster(tmp_path_factory.mktemp("slurm"))
+    except ClusterUnavailable as why:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"the SLURM test cluster did not start: {why}")
+        pytest.skip(f"no SLURM test cluster: {why}")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
