@@ -214,7 +214,8 @@ def test_paper_grid_dry_run_with_everything_built_does_nothing(tmp_path: Path) -
          for k in grid["masks"] for s in grid["seeds"] for f in ("metrics.json", "history.csv")]
         + [f"results/measure/{m}-{k}-{size}px-{classes}c.json" for m in grid["models"] for k in grid["masks"]
            for size, classes in ((32, 10), (32, 100), (64, 200))],
-        [f"results/{name}" for name in ("table.md", "table_best.md", "table_last.md", "table.csv")]
+        [f"results/{name}"
+         for name in ("table.md", "table_best.md", "table_last.md", "table.csv", "tables.html")]
         + [f"results/plots/{name}.png"
            for name in ("accuracy", "paired_difference", "learning_curves", "vs_paper")],
     ]
@@ -409,3 +410,26 @@ def test_folder_dataset_mismatch_fails_before_any_job(tmp_path: Path, breakage: 
     for message in expected:
         assert message in text, text
     assert "Job stats" not in text and not (work / "results").exists()
+
+
+def test_html_report_reads_as_a_reader_sees_it_in_chromium(built: Path, tmp_path: Path) -> None:
+    """`snakemake --report` opened in headless Chromium: a page that says what the benchmark is,
+    the tables inline with the cells' numbers, every plot drawn, and no script errors."""
+    import browser
+
+    if reason := browser.missing():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI must open the HTML report: {reason}")
+        pytest.skip(reason)
+    report = tmp_path / "report.html"
+    snakemake(built, "--report", str(report))
+    seen = browser.look(report, screenshot=tmp_path / "report.png")
+    assert "locality masks" in seen.home_text and "did not learn" in seen.home_text
+    assert not seen.errors, seen.errors
+    header, *rows = seen.table_cells
+    assert header[:3] == ["Model", "Digits", "Folder"]
+    record = json.loads((built / metrics("digits", "none")).read_text())
+    assert rows[0][0] == "ViT" and rows[0][1].startswith(f"{record['selected_top1']:.2f}")
+    assert set(seen.plots) == {"accuracy", "paired_difference", "learning_curves", "vs_paper"}
+    assert all(width > 100 and shown for width, shown in seen.plots.values()), seen.plots
+    assert (tmp_path / "report.png").stat().st_size > 10_000

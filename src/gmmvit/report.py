@@ -53,7 +53,7 @@ DATASET_NAMES = {"digits": "Digits", "cifar10": "CIFAR-10", "cifar100": "CIFAR-1
 PAPER_SOURCE = "gmm_readme"  # the GMM paper's own table; the other source in the CSV is SPT/LSA's
 REFERENCE_SHAPE = (32, 10)  # the paper counts Params / MACs at 32x32 input, 10 classes
 PLOTS = ("accuracy", "paired_difference", "learning_curves", "vs_paper")
-TABLES = ("table.md", "table_best.md", "table_last.md", "table.csv")
+TABLES = ("table.md", "table_best.md", "table_last.md", "table.csv", "tables.html")
 CONFIDENCE = 0.95
 # Fields of the flat record that older code did not write: a record lacking any of them has
 # incomplete provenance (the table's header says so, and which).
@@ -532,12 +532,15 @@ def write_tables(table: pd.DataFrame, measures: pd.DataFrame, reference: pd.Data
                   "gmmvit/reference/paper_table.csv), one run each: no difference is claimed from them.")
     flagged = bool((~usable(table)).any())
 
+    html_sections: list[str] = []
+
     def page(heading: str, first: str, frame: pd.DataFrame, with_paper: bool, note: str = "") -> str:
         has_paper = any(c.endswith("(paper)") for c in frame.columns)
-        parts = [f"# {heading}", first, *head, legend(measures, with_paper and has_paper)]
-        parts += [paper_note] * has_paper + [note] * bool(note) + [_markdown(frame)]
-        parts += [NOT_LEARNED_NOTE] * flagged
-        return "\n\n".join(parts) + "\n"
+        prose = [first, *head, legend(measures, with_paper and has_paper)]
+        prose += [paper_note] * has_paper + [note] * bool(note)
+        after = [NOT_LEARNED_NOTE] * flagged
+        html_sections.append(_html_section(heading, prose, frame, after))
+        return "\n\n".join([f"# {heading}", *prose, _markdown(frame), *after]) + "\n"
 
     (out_dir / "table.md").write_text(page(
         title, selected + (" This is the paper's own selection: table_best.md shows it beside the paper's "
@@ -556,6 +559,34 @@ def write_tables(table: pd.DataFrame, measures: pd.DataFrame, reference: pd.Data
         results_frame(table, measures, reference, "last_top1", with_paper=False), with_paper=False,
         note="The paper reports the best epoch only, so no paper figures here."))
     table.to_csv(out_dir / "table.csv", index=False)
+    # The same three tables as one HTML page: what `snakemake --report` shows inline (it offers
+    # markdown only as a download).
+    (out_dir / "tables.html").write_text(
+        "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>gmmvit results</title>"
+        f"<style>{HTML_STYLE}</style></head><body>\n" + "\n".join(html_sections) + "\n</body></html>\n")
+
+
+HTML_STYLE = (
+    "body{font-family:sans-serif;margin:1.5em;max-width:75em}"
+    "table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #bbb;padding:.25em .6em;"
+    "text-align:right}th:first-child,td:first-child{text-align:left}p{line-height:1.4}"
+)
+
+
+def _html_text(text: str) -> str:
+    """A markdown paragraph of ours as HTML: escaped, with `code` spans kept."""
+    import html
+    import re
+
+    return re.sub(r"`([^`]*)`", r"<code>\1</code>", html.escape(text))
+
+
+def _html_section(heading: str, prose: Sequence[str], frame: pd.DataFrame, after: Sequence[str]) -> str:
+    parts = [f"<h2>{_html_text(heading)}</h2>"]
+    parts += [f"<p>{_html_text(p)}</p>" for p in prose if p]
+    parts.append(frame.to_html(index=False, border=0, escape=True))
+    parts += [f"<p>{_html_text(p)}</p>" for p in after]
+    return "<section>\n" + "\n".join(parts) + "\n</section>"
 
 
 # ---------------------------------------------------------------- plots

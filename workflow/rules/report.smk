@@ -11,12 +11,44 @@ rule report:
         code=src_files("report.py"),
         reference=src_files("reference/paper_table.csv"),
     output:
-        table=report(report_tables()[0], category="Tables", labels={"table": "selected epoch"}),
-        table_best=report(report_tables()[1], category="Tables", labels={"table": "best test epoch"}),
-        table_last=report(report_tables()[2], category="Tables", labels={"table": "last epoch"}),
-        csv=report(report_tables()[3], category="Tables", labels={"table": "all cells"}),
+        table=report(
+            report_tables()[0],
+            caption="../report/table.rst",
+            category="Tables",
+            labels={"table": "selected epoch"},
+        ),
+        table_best=report(
+            report_tables()[1],
+            caption="../report/table_best.rst",
+            category="Tables",
+            labels={"table": "best test epoch"},
+        ),
+        table_last=report(
+            report_tables()[2],
+            caption="../report/table_last.rst",
+            category="Tables",
+            labels={"table": "last epoch"},
+        ),
+        csv=report(
+            report_tables()[3],
+            caption="../report/table_csv.rst",
+            category="Tables",
+            labels={"table": "all cells (CSV)"},
+        ),
+        html=report(
+            report_tables()[4],
+            caption="../report/tables_html.rst",
+            category="Tables",
+            labels={"table": "the three tables"},
+        ),
         plots=[
-            report(plot, category="Plots", labels={"plot": Path(plot).stem}) for plot in report_plots()
+            report(
+                plot,
+                caption=f"../report/{Path(plot).stem}.rst",
+                category="Plots",
+                labels={"plot": Path(plot).stem},
+            )
+            for plot in report_plots()
         ],
     params:
         grid=config["grid"],
