@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from gmmvit.attention import MaskedAttention
-from gmmvit.masks import MASKS, build_mask, grid_offsets
+from gmmvit.masks import (build_mask, family_names, grid_offsets, kernel_families, mask_class, mask_names,
+                          mask_options, parse_mask_spec)
+
+MASKS = mask_names()
 
 
 def gmm_reference(alpha: torch.Tensor, sigma: torch.Tensor, grid: int) -> torch.Tensor:
@@ -93,55 +100,297 @@ def test_rmt_bias_is_manhattan_decay():
     assert mask()[1, 4, 4].item() == 0
 
 
-def test_unknown_mask_lists_valid_names():
+@pytest.mark.parametrize("spec", ["gauss", "gmm-x3", "gmm-k0", "elm-k3", "gmm_k3", "GMM"])
+def test_unknown_mask_lists_valid_names(spec):
     with pytest.raises(ValueError) as err:
-        build_mask("gauss", 8, 12)
+        build_mask(spec, 8, 12)
     for name in MASKS:
         assert name in str(err.value)
+    assert "<family>-k<K>" in str(err.value) and "gmm_add" in str(err.value)
 
 
 def _reference_attention(attn: MaskedAttention, x: torch.Tensor, bias=None) -> torch.Tensor:
-    """Straightforward float64 attention with the mask applied to the patch block only."""
+    """Straightforward float64 attention with the mask applied to the patch block only: scaled
+    logits, times the factor, plus the mask's bias and the host's, (talking heads), own-token pairs
+    blocked where the mask says so, softmax, (talking heads)."""
     B, N, _ = x.shape
     H, d, p = attn.num_heads, attn.head_dim, attn.num_prefix_tokens
     qkv = attn.qkv(x).double().reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4)
     q, k, v = qkv[0], qkv[1], qkv[2]
-    logits = q @ k.transpose(-2, -1) / math.sqrt(d)
+    logits = q @ k.transpose(-2, -1) * attn.scale
+    patches = (slice(None), slice(None), slice(p, None), slice(p, None))
     if attn.mask is not None:
         m = attn.mask().double()
         if attn.mask.combine == "mul":
-            logits[:, :, p:, p:] = logits[:, :, p:, p:] * m
+            logits[patches] = logits[patches] * m
         else:
-            logits[:, :, p:, p:] = logits[:, :, p:, p:] + m
+            logits[patches] = logits[patches] + m
     if bias is not None:
         logits = logits + bias.double()
-    out = (logits.softmax(-1) @ v).transpose(1, 2).reshape(B, N, H * d)
+    if attn.talking_heads:
+        logits = torch.einsum("bhij,hg->bgij", logits, attn.mix_pre.weight.double())
+    if attn.mask is not None and attn.mask.blocked() is not None:
+        blocked = torch.zeros(N, N, dtype=torch.bool)
+        blocked[p:, p:] = attn.mask.blocked()[0]
+        logits = logits.masked_fill(blocked, -math.inf)
+    weights = logits.softmax(-1)
+    if attn.talking_heads:
+        weights = torch.einsum("bhij,hg->bgij", weights, attn.mix_post.weight.double())
+    out = (weights @ v).transpose(1, 2).reshape(B, N, H * d)
     return attn.proj(out.float())
 
 
-@pytest.mark.parametrize("mask_name", [m for m in MASKS])
+def _randomise(mask) -> None:
+    """Random values for every learnable parameter (the initial ELM and temperature are special)."""
+    with torch.no_grad():
+        for p in mask.parameters():
+            p.copy_(torch.randn_like(p) * 2 + 1)
+
+
+@pytest.mark.parametrize("talking_heads", [False, True], ids=["plain", "talking-heads"])
+@pytest.mark.parametrize("mask_name", MASKS)
 @pytest.mark.parametrize("prefix", [0, 1])
-def test_attention_matches_reference_and_leaves_special_tokens_alone(mask_name, prefix):
+def test_attention_matches_reference_and_leaves_special_tokens_alone(mask_name, prefix, talking_heads):
     torch.manual_seed(1)
     grid, heads = 4, 2
     mask = build_mask(mask_name, grid, heads)
-    if mask_name == "elm":
-        with torch.no_grad():
-            mask.weight.normal_()
-    attn = MaskedAttention(16, num_heads=heads, mask=mask, num_prefix_tokens=prefix).eval()
+    attn = MaskedAttention(16, num_heads=heads, mask=mask, num_prefix_tokens=prefix,
+                           talking_heads=talking_heads).eval()
+    if mask is not None:
+        _randomise(mask)
     x = torch.randn(3, prefix + grid * grid, 16)
     bias = torch.randn(1, heads, prefix + grid * grid, prefix + grid * grid)
     expected = _reference_attention(attn, x, bias)
     for fused in (True, False):
         attn.fused = fused
-        assert torch.allclose(attn(x, attn_mask=bias), expected, atol=1e-5), f"fused={fused}"
+        out = attn(x, attn_mask=bias)
+        assert torch.isfinite(out).all()
+        assert torch.allclose(out, expected, atol=1e-5), f"fused={fused}"
 
     if prefix and mask is not None:
-        neutral = 1.0 if mask.combine == "mul" else 0.0
-        full, _ = attn._padded_mask(prefix + grid * grid)
-        assert torch.all(full[:, :prefix, :] == neutral) and torch.all(full[:, :, :prefix] == neutral)
+        factor, add, blocked = attn._mask_terms(prefix + grid * grid)
+        for term, neutral in ((factor, 1.0), (add, 0.0), (blocked, False)):
+            if term is not None:
+                assert torch.all(term[:, :prefix, :] == neutral) and torch.all(term[:, :, :prefix] == neutral)
         # The class token's own output row equals that of the same attention without a mask.
-        plain = MaskedAttention(16, num_heads=heads, num_prefix_tokens=prefix).eval()
+        plain = MaskedAttention(16, num_heads=heads, num_prefix_tokens=prefix,
+                                talking_heads=talking_heads).eval()
         plain.load_state_dict(attn.state_dict(), strict=False)
         assert torch.allclose(attn(x)[:, 0], plain(x)[:, 0], atol=1e-5)
         assert not torch.allclose(attn(x)[:, 1:], plain(x)[:, 1:], atol=1e-3)
+
+
+# ---------------------------------------------------------------- the registry and mask specs
+
+
+# family: parameters of one layer, from K (kernels), H (heads) and N (patch tokens). Every family
+# must be here: a new one states its count.
+PARAMETERS_PER_LAYER = {
+    "gmm": lambda K, H, N: 2 * K * H,
+    "gmm_add": lambda K, H, N: 2 * K * H,
+    "gmm_official": lambda K, H, N: 2 * K * H,
+    "elm": lambda K, H, N: N * N,
+    "rmt": lambda K, H, N: 0,
+    "alibi2d": lambda K, H, N: 0,
+    "temperature": lambda K, H, N: H,
+    "lsa": lambda K, H, N: H,
+}
+
+
+def test_every_family_states_its_parameter_count():
+    assert sorted(PARAMETERS_PER_LAYER) == family_names()
+
+
+@pytest.mark.parametrize("family", family_names())
+@pytest.mark.parametrize("kernels", [1, 3, 9])
+def test_parameter_count_per_layer_of_every_family(family, kernels):
+    spec = f"{family}-k{kernels}" if family in kernel_families() else family
+    mask = build_mask(spec, grid=8, num_heads=12)
+    assert sum(p.numel() for p in mask.parameters()) == PARAMETERS_PER_LAYER[family](kernels, 12, 64)
+    if PARAMETERS_PER_LAYER[family](kernels, 12, 64) == 0:
+        assert not list(mask.parameters())  # nothing for the optimiser, nothing in mask_params.pt
+
+
+def test_specs_parse_and_the_spec_k_overrides_the_default():
+    assert parse_mask_spec("gmm") == ("gmm", {})
+    assert parse_mask_spec("gmm_add-k9") == ("gmm_add", {"num_kernels": 9})
+    assert mask_options("gmm", default_kernels=7) == {"num_kernels": 7}  # the recipe's mask_kernels
+    assert mask_options("gmm-k3", default_kernels=7) == {"num_kernels": 3}
+    assert mask_options("lsa", default_kernels=7) == {}
+    assert build_mask("gmm-k3", 4, 2, num_kernels=7).num_kernels == 3
+    assert kernel_families() == ["gmm", "gmm_add", "gmm_official"]
+
+
+def test_registries_list_everything_without_importing_it():
+    code = ("import json, sys, gmmvit.masks as m, gmmvit.models as g; names = m.mask_names() + g.model_names(); "
+            "loaded = sorted(k for k in sys.modules if k.startswith(('gmmvit.masks.', 'gmmvit.models.'))); "
+            "print(json.dumps([names, loaded]))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    names, loaded = json.loads(run.stdout)
+    assert names == MASKS + ["cait", "pit", "swin", "t2t", "vit"]
+    assert loaded == ["gmmvit.masks.base"]  # no family, no model imported
+
+
+def test_a_family_must_live_in_the_module_of_its_name():
+    from gmmvit.masks import LocalityMask, register_mask
+
+    with pytest.raises(ValueError, match=r"must live in masks/gauss\.py"):
+        register_mask("gauss")(type("Gauss", (LocalityMask,), {"combine": "add"}))
+
+
+# ---------------------------------------------------------------- the new families' formulas
+
+
+def test_gmm_add_is_the_same_mixture_as_a_bias():
+    torch.manual_seed(0)
+    mask = build_mask("gmm_add-k2", grid=4, num_heads=3)
+    _randomise(mask)
+    ref = gmm_reference(mask.alpha.detach().double(), mask.sigma.detach().double(), 4)
+    assert mask.combine == "add"
+    assert torch.allclose(mask().double(), ref, rtol=1e-5, atol=1e-6)
+
+
+# ALiBi's slopes as its paper's code gives them (Press et al. 2022), written out.
+ALIBI_SLOPES = {
+    1: [2**-8],
+    2: [2**-4, 2**-8],
+    3: [2**-4, 2**-8, 2**-2],
+    4: [2**-2, 2**-4, 2**-6, 2**-8],
+    12: [2**-1, 2**-2, 2**-3, 2**-4, 2**-5, 2**-6, 2**-7, 2**-8, 2**-0.5, 2**-1.5, 2**-2.5, 2**-3.5],
+}
+
+
+@pytest.mark.parametrize("heads", list(ALIBI_SLOPES))
+def test_alibi2d_is_minus_slope_times_euclidean_distance(heads):
+    grid = 5
+    mask = build_mask("alibi2d", grid=grid, num_heads=heads)
+    out = mask().double()
+    assert out.shape == (heads, grid * grid, grid * grid) and mask.combine == "add"
+    for h, slope in enumerate(ALIBI_SLOPES[heads]):
+        for i in range(grid * grid):
+            for j in range(grid * grid):
+                dist = math.hypot(i // grid - j // grid, i % grid - j % grid)
+                assert out[h, i, j].item() == pytest.approx(-slope * dist, rel=1e-6, abs=1e-9)
+
+
+@pytest.mark.parametrize("family", ["temperature", "lsa"])
+def test_temperature_replaces_the_logit_scale_per_head(family):
+    torch.manual_seed(0)
+    mask = build_mask(family, grid=4, num_heads=3)
+    attn = MaskedAttention(24, num_heads=3, mask=mask).eval()
+    # it starts at the layer's own scale (the SPT/LSA initialisation): the plain attention
+    assert torch.equal(mask.temperature.detach(), torch.full((3,), 8**-0.5))
+    tau = torch.tensor([0.05, 0.7, -1.3])
+    with torch.no_grad():
+        mask.temperature.copy_(tau)
+    x = torch.randn(2, 16, 24)
+    q, k, v = attn.qkv(x).double().reshape(2, 16, 3, 3, 8).permute(2, 0, 3, 1, 4)
+    logits = q @ k.transpose(-2, -1) * tau.double()[:, None, None]  # softmax(q.k tau_h)
+    if family == "lsa":
+        logits = logits.masked_fill(torch.eye(16, dtype=torch.bool), -math.inf)
+    expected = attn.proj((logits.softmax(-1) @ v).transpose(1, 2).reshape(2, 16, 24).float())
+    for fused in (True, False):
+        attn.fused = fused
+        assert torch.allclose(attn(x), expected, atol=1e-5), fused
+
+
+def test_lsa_gives_no_weight_to_the_own_token_even_through_talking_heads():
+    torch.manual_seed(0)
+    attn = MaskedAttention(16, num_heads=4, head_dim=8, talking_heads=True, mask=build_mask("lsa", 3, 4))
+    weights = {}
+    attn.mix_post.register_forward_hook(lambda module, inputs, out: weights.setdefault("softmax", inputs[0]))
+    out = attn(torch.randn(2, 9, 16))
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(attn.mask.temperature.grad).all()
+    assert torch.all(weights["softmax"].diagonal(dim1=-2, dim2=-1) == 0)
+
+
+def test_lsa_refuses_a_single_token_grid():
+    with pytest.raises(ValueError, match="nothing to attend to"):
+        build_mask("lsa", grid=1, num_heads=2)
+
+
+def official_float32_gmm(alpha: torch.Tensor, sigma: torch.Tensor, grid: int) -> torch.Tensor:
+    """PAPER.md's official expression, in float32: E = exp(-d2) ** 0.5 once, then
+    M = sum_k alpha * E ** (1 / (sigma^2 + 1e-5)), kernels summed in order."""
+    dy, dx = grid_offsets(grid)
+    e_half = torch.exp(-(dy**2 + dx**2).to(torch.float32)) ** 0.5
+    total = None
+    for k in range(alpha.shape[0]):
+        term = alpha[k, :, None, None] * e_half ** (1.0 / (sigma[k] ** 2 + 1e-5))[:, None, None]
+        total = term if total is None else total + term
+    return total
+
+
+def test_gmm_official_is_the_official_float32_formula_to_the_bit():
+    torch.manual_seed(0)
+    mask = build_mask("gmm_official", grid=16, num_heads=2)  # K = 5
+    with torch.no_grad():
+        ref = official_float32_gmm(mask.alpha.float(), mask.sigma.float(), 16)
+        assert mask().dtype == torch.float32
+        assert torch.equal(mask(), ref)
+
+
+def test_gmm_official_differs_from_gmm_exactly_where_d2_reaches_104():
+    torch.manual_seed(0)
+    official = build_mask("gmm_official-k1", grid=16, num_heads=1)
+    clean = build_mask("gmm-k1", grid=16, num_heads=1)
+    with torch.no_grad():
+        for m in (official, clean):
+            m.alpha.fill_(1.5)
+            m.sigma.fill_(10.0)  # wide: exp(-d2 / 200) is far from 0 everywhere on the grid
+        dy, dx = grid_offsets(16)
+        d2 = dy**2 + dx**2
+        underflow = d2 >= 104
+        assert underflow.float().mean().item() == pytest.approx(1 / 3, abs=0.02)  # a third of the pairs
+        got, want = official()[0], clean()[0]
+        assert torch.all(got[underflow] == 0) and torch.all(want[underflow] > 0.1)
+        normal = d2 < 88  # exp(-d2) is a normal float32 there: the two agree to rounding
+        assert torch.allclose(got[normal], want[normal], rtol=1e-5)
+        subnormal = ~normal & ~underflow  # exp(-d2) subnormal: precision lost, not the value
+        assert torch.allclose(got[subnormal], want[subnormal], rtol=5e-3)
+        assert not torch.allclose(got[subnormal], want[subnormal], rtol=1e-6)
+
+
+def test_gmm_official_trains_through_the_underflow():
+    mask = build_mask("gmm_official", grid=16, num_heads=2)
+    mask().sum().backward()
+    assert torch.isfinite(mask.alpha.grad).all() and torch.isfinite(mask.sigma.grad).all()
+
+
+# ---------------------------------------------------------------- which path runs
+
+
+@pytest.fixture
+def sdpa_calls(monkeypatch):
+    calls = []
+    original = F.scaled_dot_product_attention
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", counting)
+    return calls
+
+
+# A mask takes the fused path when it is additive, or a per-head factor (folded into q) on a layer
+# without special tokens; a token-pair factor (GMM, ELM) needs the explicit one.
+FUSED = {"none", "rmt", "alibi2d", "gmm_add", "temperature", "lsa"}
+
+
+@pytest.mark.parametrize("mask_name", MASKS)
+@pytest.mark.parametrize("prefix", [0, 1])
+def test_which_path_each_mask_takes(mask_name, prefix, sdpa_calls):
+    attn = MaskedAttention(16, num_heads=2, mask=build_mask(mask_name, 4, 2), num_prefix_tokens=prefix)
+    attn(torch.randn(2, prefix + 16, 16))
+    cls = mask_class(mask_name)
+    fused = mask_name in FUSED and not (prefix and cls is not None and cls.combine == "mul")
+    assert len(sdpa_calls) == int(fused)
+    if cls is not None and cls.combine == "add":
+        assert len(sdpa_calls) == 1  # every additive mask, with or without special tokens
+
+
+def test_fused_path_table_covers_every_family():
+    assert FUSED - set(MASKS) == set()
+    assert {m for m in family_names() if mask_class(m).combine == "add"} <= FUSED

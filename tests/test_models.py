@@ -9,8 +9,9 @@ import torch
 
 from gmmvit.attention import MaskedAttention
 from gmmvit.complexity import macs_by_operator, macs_paper_convention, measure
-from gmmvit.masks import GaussianMixtureMask, LocalityMask
-from gmmvit.models import MODELS, build_model
+from gmmvit.masks import LocalityMask, mask_names
+from gmmvit.masks.gmm import GaussianMixtureMask
+from gmmvit.models import build_model, model_names
 
 # model: (params, paper-convention MACs, depth) at 32x32, 10 classes, from the paper's table
 PAPER = {
@@ -23,11 +24,11 @@ PAPER = {
 # exact counts of the official code (PAPER.md)
 OFFICIAL_PARAMS = {"vit": 2_692_042, "swin": 7_073_188, "cait": 5_078_834, "pit": 6_972_586, "t2t": 6_486_080}
 OFFICIAL_GMM_EXTRA = {"vit": 1_080, "swin": 900, "cait": 960, "pit": 600, "t2t": 490}
-MASKS = ["none", "gmm", "elm", "rmt"]
+MASKS = mask_names()  # every registered family, and none
 
 
 def test_registry_holds_the_five_models():
-    assert sorted(MODELS) == sorted(PAPER)
+    assert model_names() == sorted(PAPER)
 
 
 @pytest.mark.parametrize("name", list(PAPER))
@@ -84,6 +85,40 @@ def test_gmm_kernels_are_configurable():
     assert sum(p.numel() for p in three.parameters()) - base == 9 * 2 * 3 * 12
 
 
+@pytest.mark.parametrize("kernels", [1, 3, 9])
+@pytest.mark.parametrize("name", list(PAPER))
+def test_k_variant_specs_count_2_k_heads_per_masked_layer(name, kernels):
+    base = sum(p.numel() for p in build_model(name).parameters())
+    # the spec's K wins over a default (the recipe's mask_kernels)
+    model = build_model(name, mask=f"gmm-k{kernels}", mask_kwargs={"num_kernels": 5})
+    layers = [m for m in model.modules() if isinstance(m, LocalityMask)]
+    assert layers and all(sum(p.numel() for p in m.parameters()) == 2 * kernels * m.num_heads for m in layers)
+    assert sum(p.numel() for p in model.parameters()) - base == OFFICIAL_GMM_EXTRA[name] // 5 * kernels
+    assert model.mask_name == f"gmm-k{kernels}"
+
+
+@pytest.mark.parametrize("name", list(PAPER))
+def test_temperature_starts_as_the_unmasked_model(name):
+    """tau_h starts at each layer's own logit scale (T2T's token layer: its input width's)."""
+    torch.manual_seed(0)
+    plain = build_model(name, mask="none").eval()
+    model = build_model(name, mask="temperature").eval()
+    model.load_state_dict(plain.state_dict(), strict=False)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(model(x), plain(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mask", [m for m in MASKS if m in ("rmt", "alibi2d", "gmm_add", "temperature", "lsa")])
+def test_vit_additive_and_temperature_masks_run_fused(mask, monkeypatch):
+    calls = []
+    original = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **k: calls.append(1) or original(*a, **k))
+    build_model("vit", mask=mask).eval()(torch.randn(1, 3, 32, 32))
+    assert len(calls) == 9  # every layer, none on the explicit path
+
+
 @pytest.mark.parametrize("name", list(PAPER))
 def test_neutral_gmm_gives_the_unmasked_logits(name):
     """A GMM mask that multiplies by 1 must reproduce the unmasked model, whose attention runs on the
@@ -104,7 +139,7 @@ def test_neutral_gmm_gives_the_unmasked_logits(name):
 
 
 @pytest.mark.parametrize("name", list(PAPER))
-@pytest.mark.parametrize("mask", ["none", "rmt"])
+@pytest.mark.parametrize("mask", MASKS)
 def test_fused_and_explicit_paths_agree(name, mask):
     torch.manual_seed(0)
     model = build_model(name, mask=mask).eval()
@@ -152,9 +187,10 @@ def test_unknown_model_lists_valid_names():
         assert name in str(err.value)
 
 
-def test_unknown_mask_lists_valid_names():
+@pytest.mark.parametrize("spec", ["gauss", "elm-k3"])
+def test_unknown_mask_lists_valid_names(spec):
     with pytest.raises(ValueError) as err:
-        build_model("vit", mask="gauss")
+        build_model("vit", mask=spec)
     for mask in MASKS:
         assert mask in str(err.value)
 
@@ -179,6 +215,15 @@ def test_measure_command_prints_the_counts(tmp_path):
     assert json.loads(run.stdout) == record
     assert record["params"] == 2_692_042 + 9 * 2 * 3 * 12 and record["mask_params"] == 9 * 2 * 3 * 12
     assert record["macs_paper"] == 170_923_018 and record["depth"] == 9
+    # the spec carries K: gmm-k3 without --mask-kernels measures K = 3, under its own name
+    run = subprocess.run([sys.executable, "-m", "gmmvit.cli", "measure", "--model", "vit", "--mask", "gmm-k3"],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    spec_record = json.loads(run.stdout)
+    assert spec_record["mask"] == "gmm-k3" and spec_record["mask_params"] == 9 * 2 * 3 * 12
+    run = subprocess.run([sys.executable, "-m", "gmmvit.cli", "measure", "--model", "vit", "--mask", "elm-k3"],
+                         capture_output=True, text=True)
+    assert run.returncode == 2 and "elm has no K" in run.stderr and "gmm_official" in run.stderr
 
 
 # The official ViT and CaiT embed patches with a Linear(patch*patch*3, dim), xavier-normal:

@@ -146,6 +146,7 @@ def test_config_mirrors_the_package() -> None:
     schema = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())["$defs"]
     assert sorted(schema["model"]["enum"]) == sorted(models.model_names())
     assert sorted(schema["mask"]["enum"]) == sorted(masks.mask_names())
+    assert sorted(schema["mask_with_kernels"]["enum"]) == sorted(masks.kernel_families())
     assert sorted(schema["dataset"]["enum"]) == sorted(data.dataset_names())
     recipe_keys = [f.name for f in fields(Recipe)]
     assert sorted(schema["recipe_keys"]["properties"]) == sorted(recipe_keys)

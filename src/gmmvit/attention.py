@@ -7,13 +7,15 @@ The order of operations follows the official code:
     logits = logits + B            (additive mask, then the host's bias: Swin's relative positions
                                     and shifted-window mask)
     logits = mix_heads(logits)     (CaiT's talking heads, pre-softmax)
+    logits[blocked] = -inf         (pairs a mask blocks: LSA's own-token logits)
     attn   = mix_heads(softmax(logits))
     out    = proj(attn v)
 
-Without a multiplicative mask and without talking heads, everything additive is folded into one
-``attn_mask`` of :func:`torch.nn.functional.scaled_dot_product_attention` (the fused path). The
-explicit path computes the same thing step by step; ``fused=False`` forces it, and the tests hold
-the two equal.
+Without talking heads, and with no multiplicative mask or only a per-head factor (H, 1, 1) on a
+layer without special tokens (a temperature: folded into q, PAPER.md), everything else is folded
+into one ``attn_mask`` of :func:`torch.nn.functional.scaled_dot_product_attention` (the fused
+path). The explicit path computes the same thing step by step; ``fused=False`` forces it, and the
+tests hold the two equal.
 """
 
 from __future__ import annotations
@@ -27,6 +29,11 @@ from torch import Tensor, nn
 from .masks import LocalityMask
 
 MaskFactory = Callable[[int, int], "LocalityMask | None"]  # (grid, num_heads) -> one layer's mask
+
+
+def _blocking_bias(blocked: Tensor, dtype: torch.dtype) -> Tensor:
+    """-inf where ``blocked``, 0 elsewhere: blocked pairs as an additive attn_mask."""
+    return torch.zeros(blocked.shape, dtype=dtype, device=blocked.device).masked_fill(blocked, float("-inf"))
 
 
 class HeadMix(nn.Module):
@@ -102,27 +109,37 @@ class MaskedAttention(nn.Module):
         self.proj = nn.Linear(self.inner_dim, dim_out or dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
         self.mask = mask
-        if mask is not None and mask.num_heads != num_heads:
-            raise ValueError(f"mask has {mask.num_heads} heads, attention has {num_heads}")
+        if mask is not None:
+            if mask.num_heads != num_heads:
+                raise ValueError(f"mask has {mask.num_heads} heads, attention has {num_heads}")
+            mask.set_logit_scale(self.scale)
         self.talking_heads = talking_heads
         if talking_heads:
             self.mix_pre, self.mix_post = HeadMix(num_heads), HeadMix(num_heads)
 
-    def _padded_mask(self, n_tokens: int) -> tuple[Tensor | None, str | None]:
-        """The mask over all tokens: neutral (1 or 0) on the special tokens' rows and columns."""
+    def _mask_terms(self, n_tokens: int) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """The mask's (factor, bias, blocked) over all tokens, each None when the mask has no such
+        term; special tokens' rows and columns get the neutral value (1, 0, not blocked)."""
         if self.mask is None:
-            return None, None
-        m = self.mask()
-        p = self.num_prefix_tokens
-        if m.shape[-1] + p != n_tokens:
+            return None, None, None
+        m, p = self.mask(), self.num_prefix_tokens
+        n_patches = self.mask.num_tokens
+        if n_patches + p != n_tokens:
             raise ValueError(
-                f"mask covers {m.shape[-1]} patch tokens + {p} special tokens, "
+                f"mask covers {n_patches} patch tokens + {p} special tokens, "
                 f"but the layer sees {n_tokens} tokens"
             )
-        combine = self.mask.combine
+        factor, bias = (m, None) if self.mask.combine == "mul" else (None, m)
+        blocked = self.mask.blocked()
         if p:
-            m = F.pad(m, (p, 0, p, 0), value=1.0 if combine == "mul" else 0.0)
-        return m, combine
+            pad = (p, 0, p, 0)
+            if factor is not None:  # a per-head (H, 1, 1) factor too: special tokens stay unscaled
+                factor = F.pad(factor.expand(-1, n_patches, n_patches), pad, value=1.0)
+            if bias is not None:
+                bias = F.pad(bias, pad, value=0.0)
+            if blocked is not None:
+                blocked = F.pad(blocked, pad, value=False)
+        return factor, bias, blocked
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         """x: (B, N, dim). attn_mask: an additive bias broadcastable to (B, H, N, N), or None."""
@@ -131,28 +148,34 @@ class MaskedAttention(nn.Module):
         B, N, _ = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        mask, combine = self._padded_mask(N)
+        factor, bias, blocked = self._mask_terms(N)
         dropout_p = self.attn_drop.p if self.training else 0.0
+        per_head_factor = factor is not None and factor.shape[-2:] == (1, 1)
 
-        if self.fused and combine != "mul" and not self.talking_heads:
-            bias = attn_mask
-            if mask is not None:
-                bias = mask if bias is None else bias + mask
-            if bias is not None:
-                bias = bias.to(q.dtype)
+        if self.fused and (factor is None or per_head_factor) and not self.talking_heads:
+            if factor is not None:
+                q = q * factor  # (z * t_h) = (q t_h) . k * scale: the factor folds into q
+            total = attn_mask
+            for term in (bias, None if blocked is None else _blocking_bias(blocked, q.dtype)):
+                if term is not None:
+                    total = term if total is None else total + term
+            if total is not None:
+                total = total.to(q.dtype)
             out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=self.scale
+                q, k, v, attn_mask=total, dropout_p=dropout_p, scale=self.scale
             )
         else:
             logits = (q * self.scale) @ k.transpose(-2, -1)
-            if combine == "mul":
-                logits = logits * mask
-            elif combine == "add":
-                logits = logits + mask
+            if factor is not None:
+                logits = logits * factor
+            if bias is not None:
+                logits = logits + bias
             if attn_mask is not None:
                 logits = logits + attn_mask
             if self.talking_heads:
                 logits = self.mix_pre(logits)
+            if blocked is not None:  # after the head mixing: a -inf must not be mixed across heads
+                logits = logits.masked_fill(blocked, float("-inf"))
             attn = logits.softmax(dim=-1)
             if self.talking_heads:
                 attn = self.mix_post(attn)

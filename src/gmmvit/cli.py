@@ -10,9 +10,10 @@ from pathlib import Path
 
 def _measure(args: argparse.Namespace) -> int:
     from .complexity import measure
+    from .masks import mask_options
     from .train import atomic_write_bytes
 
-    mask_kwargs = {"num_kernels": args.mask_kernels} if args.mask == "gmm" else None
+    mask_kwargs = mask_options(args.mask, default_kernels=args.mask_kernels)
     record = measure(args.model, args.mask, img_size=args.img_size, num_classes=args.num_classes,
                      mask_kwargs=mask_kwargs)
     text = json.dumps(record, indent=2) + "\n"
@@ -69,19 +70,33 @@ def _prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _mask_spec(text: str) -> str:
+    """--mask: a family or <family>-k<K>, refused with the valid ones listed."""
+    from .masks import parse_mask_spec
+
+    try:
+        parse_mask_spec(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from .masks import mask_names
+    from .masks import SPEC_SYNTAX, mask_names
     from .models import model_names
+
+    mask_help = f"mask spec, {SPEC_SYNTAX}: one of {', '.join(mask_names())}, or e.g. gmm-k3"
 
     parser = argparse.ArgumentParser(prog="gmmvit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("measure", help="parameters, MACs (fvcore and paper convention), depth as JSON")
     p.add_argument("--model", required=True, choices=model_names())
-    p.add_argument("--mask", default="none", choices=mask_names())
+    p.add_argument("--mask", default="none", type=_mask_spec, help=mask_help)
     p.add_argument("--img-size", type=int, default=32)
     p.add_argument("--num-classes", type=int, default=10)
-    p.add_argument("--mask-kernels", type=int, default=5, help="K of the GMM mask")
+    p.add_argument("--mask-kernels", type=int, default=5,
+                   help="K of a Gaussian-mixture mask whose spec gives none (gmm-k3 gives 3)")
     p.add_argument("--out", help="also write the JSON to this file")
     p.set_defaults(func=_measure)
 
@@ -91,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset-path", help="folder kind: its train/ + val/ tree (default: --data-root)")
     p.add_argument("--img-size", type=int, help="folder kind: decode images at this size (default 32)")
     p.add_argument("--model", required=True, choices=model_names())
-    p.add_argument("--mask", default="none", choices=mask_names())
+    p.add_argument("--mask", default="none", type=_mask_spec, help=mask_help)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--recipe", default="demo", help="built-in (paper, demo, smoke) or a name in --recipes")
     p.add_argument("--recipes", help="YAML file of named recipes: name: {base: <built-in>, key: value}")

@@ -47,7 +47,8 @@ IDENTITY = ["recipe", "dataset", "model", "mask", "seed"]
 # Display order and names: the paper's table order first; unknown names (a new registry entry)
 # follow in order of appearance, under their own name.
 MODEL_NAMES = {"vit": "ViT", "swin": "Swin", "cait": "CaiT", "pit": "PiT", "t2t": "T2T"}
-MASK_NAMES = {"none": "", "gmm": "GMM", "elm": "ELM", "rmt": "RMT"}
+MASK_NAMES = {"none": "", "gmm": "GMM", "elm": "ELM", "rmt": "RMT", "gmm_add": "GMM-add",
+              "gmm_official": "GMM-official", "alibi2d": "ALiBi-2D", "lsa": "LSA", "temperature": "Temp"}
 DATASET_NAMES = {"digits": "Digits", "cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "svhn": "SVHN",
                  "tinyimagenet": "Tiny-ImageNet", "folder": "Folder"}
 PAPER_SOURCE = "gmm_readme"  # the GMM paper's own table; the other source in the CSV is SPT/LSA's
@@ -287,10 +288,19 @@ def summary(table: pd.DataFrame, metric: str) -> pd.DataFrame:
 # ---------------------------------------------------------------- markdown
 
 
+def mask_label(mask: str) -> tuple[str, str]:
+    """A mask spec's display name and variant: ("GMM", "") for gmm, ("GMM", " (K=3)") for gmm-k3."""
+    family, dash_k, kernels = mask.partition("-k")
+    if dash_k and kernels.isdigit() and family in MASK_NAMES:
+        return MASK_NAMES[family], f" (K={kernels})"
+    return MASK_NAMES.get(mask, mask.upper()), ""
+
+
 def row_label(model: str, mask: str) -> str:
+    """GMM-ViT, or GMM-ViT (K=3) for the spec gmm-k3."""
     name = MODEL_NAMES.get(model, model)
-    prefix = MASK_NAMES.get(mask, mask.upper())
-    return f"{prefix}-{name}" if prefix else name
+    prefix, variant = mask_label(mask)
+    return (f"{prefix}-{name}" if prefix else name) + variant
 
 
 def _fmt_millions(value: float) -> str:

@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .data import ImageDataset, load_dataset
-from .masks import LocalityMask
+from .masks import LocalityMask, mask_options
 from .models import build_model
 from .splits import hold_out, stratified_indices
 from .recipe import (
@@ -309,7 +309,8 @@ def train_cell(
 
     # ---- model, optimisation (seeded: the same seed gives the same run)
     torch.manual_seed(cell.seed)
-    mask_kwargs = {"num_kernels": recipe.mask_kernels} if cell.mask == "gmm" else {}
+    # The cell's mask spec sets its K (gmm-k3); a family with a K and none in the spec takes the recipe's.
+    mask_kwargs = mask_options(cell.mask, default_kernels=recipe.mask_kernels)
     model = build_model(cell.model, mask=cell.mask, img_size=img_size, num_classes=data.num_classes,
                         mask_kwargs=mask_kwargs, drop_path_rate=recipe.drop_path).to(device)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)

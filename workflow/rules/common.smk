@@ -1,5 +1,7 @@
 # Config -> cells -> paths. Functions only (no rules), used by the rule files.
 
+import ast
+import functools
 import json
 import re
 from pathlib import Path
@@ -47,6 +49,7 @@ def check_config(config: dict) -> None:
                 f"(num_classes, img_size); described: {', '.join(datasets)}"
             )
     check_datasets(config)
+    check_mask_specs(config)
 
 
 # ---------------------------------------------------------------- datasets
@@ -113,6 +116,38 @@ def check_folder(name: str, info: dict, path: Path) -> None:
             f"has {classes} class folders: set num_classes: {classes}, or point path at the "
             "intended folder"
         )
+
+
+# ---------------------------------------------------------------- masks
+
+# gmmvit.masks.base's spec grammar: <family> or <family>-k<K> (K Gaussians, K >= 1).
+MASK_SPEC = re.compile(r"(?P<family>[a-z0-9_]+)(?:-k(?P<kernels>[1-9][0-9]*))?")
+
+
+def schema_defs() -> dict:
+    schema = Path(workflow.basedir, "workflow", "schemas", "config.schema.yaml")
+    return yaml.safe_load(schema.read_text())["$defs"]
+
+
+def check_mask_specs(config: dict) -> None:
+    """Every grid's masks are specs of registered families (read from the schema, which a test keeps
+    equal to gmmvit.masks' registry), a K only where the family has one."""
+    defs = schema_defs()
+    families, with_kernels = defs["mask"]["enum"], defs["mask_with_kernels"]["enum"]
+    for name, grid in config["grids"].items():
+        for spec in grid["masks"]:
+            match = MASK_SPEC.fullmatch(spec)
+            if not (match and match["family"] in families
+                    and (match["kernels"] is None or match["family"] in with_kernels)):
+                raise ValueError(
+                    f"config grids.{name}.masks: {spec!r} is not a mask; valid masks: "
+                    f"{', '.join(families)}, or <family>-k<K> with K >= 1 for "
+                    f"{', '.join(with_kernels)} (e.g. {with_kernels[0]}-k3)"
+                )
+
+
+def mask_family(spec: str) -> str:
+    return MASK_SPEC.fullmatch(spec)["family"]
 
 
 # ---------------------------------------------------------------- the grid's cells
@@ -237,10 +272,20 @@ def measure_files() -> list[str]:
 # ---------------------------------------------------------------- package source as job inputs
 
 
+# A job's code inputs are the package files it runs: its step's module, its model's and its mask
+# family's modules (one module each, found by name), and what those import from the package, read
+# from their import statements (ast: parsing the workflow imports no torch). Editing a file reruns
+# exactly the jobs that run it; adding a model or a mask family (a new module) reruns nothing.
+
+
+def src_root() -> Path:
+    return Path(config["src_dir"] or Path(workflow.basedir) / "src" / "gmmvit")
+
+
 def src_files(*patterns: str) -> list[str]:
     """The package files a step depends on: editing one reruns that step's jobs (Snakemake tracks
     no imported module by itself)."""
-    root = Path(config["src_dir"] or Path(workflow.basedir) / "src" / "gmmvit")
+    root = src_root()
     files = []
     for pattern in patterns:
         found = sorted(str(p) for p in root.glob(pattern))
@@ -265,10 +310,79 @@ def device_slots_argument() -> str:
     return results("device-slots") if train_resources().get("gpu", 0) > 0 else "none"
 
 
+def module_file(root: Path, parts: tuple[str, ...]) -> Path | None:
+    """The file of module gmmvit.<parts> under root: a package's __init__.py, else a module (Python's
+    order when both exist)."""
+    for candidate in [root.joinpath(*parts, "__init__.py")] + (
+            [root.joinpath(*parts).with_suffix(".py")] if parts else []):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def with_packages(root: Path, parts: tuple[str, ...]) -> set[str]:
+    """Module gmmvit.<parts> and the __init__.py of every package above it (Python runs those too)."""
+    files = (module_file(root, parts[:depth]) for depth in range(len(parts) + 1))
+    return {str(f) for f in files if f is not None}
+
+
+@functools.cache
+def imported_files(path: str, root: str) -> frozenset[str]:
+    """The package files one file imports, from any import statement in it (inside functions too)."""
+    top, file = Path(root), Path(path)
+    package = file.parent.relative_to(top).parts
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(file.read_text(), filename=path)):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] == "gmmvit":
+                    found |= with_packages(top, tuple(alias.name.split(".")[1:]))
+            continue
+        if not isinstance(node, ast.ImportFrom):
+            continue
+        dotted = tuple(node.module.split(".")) if node.module else ()
+        if node.level:  # relative: from . / .. / .x import y
+            if node.level - 1 > len(package):
+                raise ValueError(f"{path}: a relative import goes above the gmmvit package")
+            target = package[: len(package) - node.level + 1] + dotted
+        elif dotted[:1] == ("gmmvit",):
+            target = dotted[1:]
+        else:
+            continue
+        found |= with_packages(top, target)
+        for alias in node.names:  # from .models import vit: a submodule
+            if module_file(top, target + (alias.name,)):
+                found |= with_packages(top, target + (alias.name,))
+    return frozenset(found)
+
+
+def code_inputs(*modules: str) -> list[str]:
+    """``modules`` (paths under the package, e.g. "train.py", "models/vit.py") and every package file
+    they import, directly or not."""
+    root = src_root()
+    todo: set[str] = set()
+    for name in modules:
+        if not (root / name).is_file():
+            raise ValueError(f"config src_dir: {root} has no {name} (is it the gmmvit package folder?)")
+        todo |= with_packages(root, Path(name).with_suffix("").parts)
+    seen: set[str] = set()
+    while todo:
+        path = todo.pop()
+        seen.add(path)
+        todo |= imported_files(path, str(root)) - seen
+    return sorted(seen)
+
+
+def cell_code(step: str, model: str, mask: str) -> list[str]:
+    """The code a cell's job runs: its step's module (train.py, complexity.py), its model's module
+    and its mask family's module, with what they import; no other model's or family's."""
+    family = mask_family(mask)
+    modules = [step, f"models/{model}.py"] + ([f"masks/{family}.py"] if family != "none" else [])
+    return code_inputs(*modules)
+
+
 def train_inputs(wildcards) -> dict[str, Any]:
-    inputs: dict[str, Any] = {
-        "code": src_files("models/*.py", "masks.py", "attention.py", "data.py", "recipe.py", "train.py")
-    }
+    inputs: dict[str, Any] = {"code": cell_code("train.py", wildcards.model, wildcards.mask)}
     marker = prepared_marker(wildcards.dataset)
     if marker:
         # ancient: preparing the data again (same files, new marker) must not retrain every cell

@@ -4,14 +4,14 @@
 
 rule measure:
     input:
-        code=src_files("models/*.py", "masks.py", "attention.py", "complexity.py"),
+        code=lambda wildcards: cell_code("complexity.py", wildcards.model, wildcards.mask),
     output:
         json=measure_path(),
     log:
         results("logs/measure/{model}-{mask}-{img_size}px-{num_classes}c.log"),
     wildcard_constraints:
         model="[a-z0-9_]+",
-        mask="[a-z0-9_]+",
+        mask="[a-z0-9_]+(-k[1-9][0-9]*)?",  # a mask spec: gmm, gmm-k3
         img_size=r"\d+",
         num_classes=r"\d+",
     threads: config["resources"]["measure"]["threads"]

@@ -18,7 +18,7 @@ rule train:
         cell_log(),
     wildcard_constraints:
         model="[a-z0-9_]+",
-        mask="[a-z0-9_]+",
+        mask="[a-z0-9_]+(-k[1-9][0-9]*)?",  # a mask spec: gmm, gmm-k3
         seed=r"\d+",
     threads: train_resources()["threads"]
     resources:
