@@ -8,6 +8,7 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -23,7 +24,7 @@ T_975_2 = 4.302652729911275  # scipy.stats.t.ppf(0.975, 2), as a table prints it
 def top1(dataset: str, model: str, mask: str, seed: int) -> tuple[float, float, float]:
     """Distinct, easily recomputed numbers per cell: (selected, best, last)."""
     best = {"cifar10": 90.0, "digits": 80.0}[dataset] + {"vit": 1.0, "swin": 2.0}[model] \
-        + {"none": 0.0, "gmm": 0.5}[mask] + 0.25 * seed
+        + (0.0 if mask == "none" else 0.5) + 0.25 * seed
     return best - 0.75, best, best - 1.5
 
 
@@ -45,7 +46,7 @@ def write_cell(runs: Path, dataset: str, model: str, mask: str, seed: int, recip
     record = {
         "dataset": dataset, "model": model, "mask": mask, "seed": seed, "recipe": recipe,
         "best_top1": best, "best_epoch": 2, "last_top1": last, "last_test_loss": 1.3, "epochs": 3,
-        "params": PARAMS[(model, mask)], "wall_time_s": 60.0, "train_images_per_s": 100.0,
+        "params": PARAMS.get((model, mask), 2_700_000), "wall_time_s": 60.0, "train_images_per_s": 100.0,
         "device": "cpu", "threads": 2,
         "versions": {"torch": "2.14.1", "timm": "1.0.31", "gmmvit": "0.1.0", "python": "3.11.2"},
         "recipe_config": {"epochs": 3, "lr": 0.001, "limit_train": 0 if dataset == "cifar10" else 64},
@@ -55,6 +56,7 @@ def write_cell(runs: Path, dataset: str, model: str, mask: str, seed: int, recip
             "selection": "val", "selected_epoch": 2, "selected_top1": selected, "val_top1": 75.0,
             "val_fraction": 0.1, "final_train_loss": 1.2, "chance_top1": 10.0, "learned": True,
             "not_learned_reason": None, "cpu_capability": "AVX512", "host": "node1", "slurm_job_id": None,
+            "slurm_node": None, "granted_cpus": None, "gpu_ids": None, "device_slot": None,
             "num_classes": 10, "img_size": 32, "n_train": 1132, "n_val": 125, "n_test": 540,
             "dataset_fingerprint": f"fp-{dataset}", "source_hash": "abc123", "deterministic": True,
         }
@@ -263,7 +265,7 @@ def test_header_has_the_provenance(tmp_path: Path) -> None:
     out = digits_vit(tmp_path, {"none": [0, 1]}, none0={"slurm_job_id": "4242", "threads": 1},
                      none1={"slurm_job_id": "4243", "threads": 1})
     text = (out / "table.md").read_text()
-    for expected in ("cpu (AVX512), 1 thread (2 cells)", "Hosts: node1", "SLURM jobs: 4242, 4243",
+    for expected in ("cpu (AVX512), 1 thread (2 cells)", "Hosts: node1", "SLURM: 2 jobs (4242, 4243)",
                      "torch 2.14.1; timm 1.0.31; CUDA none; cuDNN none; python 3.11.2; gmmvit 0.1.0",
                      "Source hash: abc123", "Dataset fingerprints: digits fp-digits",
                      "Deterministic algorithms: yes (all cells)",
@@ -346,3 +348,211 @@ def test_main_reads_folders(grid: dict, capsys: pytest.CaptureFixture) -> None:
     assert "16 cells" in capsys.readouterr().out
     assert len(pd.read_csv(grid["out"] / "table.csv")) == 16
     assert all((grid["out"] / name).is_file() for name in report.TABLES)
+
+
+# ---------------------------------------------------------------- what ran where: the scheduler line
+
+
+def scheduler_line(out: Path) -> str:
+    return next(line for line in (out / "table.md").read_text().splitlines() if line.startswith("Run on:"))
+
+
+def test_header_summarises_slurm_jobs_nodes_cpus_and_gpus(tmp_path: Path) -> None:
+    slurm = {"granted_cpus": 2, "gpu_ids": None, "device_slot": None}
+    out = digits_vit(tmp_path, {"none": [0, 1, 2], "gmm": [0]},
+                     none0=slurm | {"slurm_job_id": "4242", "slurm_node": "a", "gpu_ids": "0"},
+                     none1=slurm | {"slurm_job_id": "4243", "slurm_node": "b", "gpu_ids": "1"},
+                     none2=slurm | {"slurm_job_id": "4244", "slurm_node": "a", "granted_cpus": 4, "gpu_ids": "1"},
+                     gmm0={"device_slot": "1:0", "gpu_ids": "1"})  # a local GPU run, outside SLURM
+    line = scheduler_line(out)
+    assert ("SLURM: 3 jobs (4242, 4243, 4244) on nodes a, b; CPUs granted per job: 2 (2 cells), "
+            "4 (1 cell); 1 cell outside SLURM.") in line, line
+    assert ("GPUs: CUDA_VISIBLE_DEVICES 0 (1 cell), 1 (3 cells); local device slots (device:k) "
+            "1:0 (1 cell).") in line, line
+
+
+def test_header_says_when_nothing_was_scheduled_or_nothing_is_known(tmp_path: Path) -> None:
+    line = scheduler_line(digits_vit(tmp_path / "plain", {"none": [0]}))
+    assert line.endswith("SLURM: none. GPUs: none."), line
+    metrics = [write_cell(tmp_path / "old", "digits", "vit", "none", 0, legacy=True)]
+    report.report(metrics, tmp_path / "old-out")
+    line = scheduler_line(tmp_path / "old-out")
+    assert line.endswith("SLURM: unknown (older records). GPUs: unknown (older records)."), line
+
+
+# ---------------------------------------------------------------- accuracy against K
+
+
+def kernel_grid(tmp_path: Path) -> Path:
+    """digits x vit: none, gmm-k1, gmm-k3 over seeds 0-2, bare gmm trained at mask_kernels 4 (one
+    seed), elm (no K); known values per seed."""
+    values = {"none": (50.0, 50.0, 50.0), "gmm-k1": (60.0, 61.0, 62.0), "gmm-k3": (70.0, 72.0, 74.0),
+              "elm": (40.0, 41.0, 42.0)}
+    metrics = [write_cell(tmp_path / "runs", "digits", "vit", mask, seed, selected_top1=v)
+               for mask, vs in values.items() for seed, v in enumerate(vs)]
+    metrics.append(write_cell(tmp_path / "runs", "digits", "vit", "gmm", 0, selected_top1=80.0,
+                              recipe_config={"epochs": 3, "mask_kernels": 4}))
+    report.report(metrics, tmp_path / "out")
+    return tmp_path / "out"
+
+
+def test_kernel_summary_known_answers(tmp_path: Path) -> None:
+    out = kernel_grid(tmp_path)
+    table = pd.read_csv(out / "table.csv")
+    summary = report.kernel_summary(table)
+    # elm has no K; the bare gmm counts at its recipe's mask_kernels (4)
+    assert summary[["family", "kernels", "n"]].values.tolist() == [["gmm", 1, 3], ["gmm", 3, 3], ["gmm", 4, 1]]
+    assert summary["mean"].tolist() == pytest.approx([61.0, 72.0, 80.0])
+    # std 1 and 2 over 3 seeds: t(0.975, 2) * std / sqrt(3); one seed: no interval
+    assert summary["half_width"].iloc[:2].tolist() == pytest.approx([T_975_2 / math.sqrt(3), 2 * T_975_2 / math.sqrt(3)])
+    assert math.isnan(summary["half_width"].iloc[2])
+    assert summary["none_mean"].tolist() == pytest.approx([50.0] * 3)
+    assert (out / "plots" / "kernels.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_kernel_summary_leaves_out_seeds_that_did_not_learn(tmp_path: Path) -> None:
+    metrics = [write_cell(tmp_path / "runs", "digits", "vit", "gmm-k3", s, selected_top1=v)
+               for s, v in enumerate((70.0, 74.0))]
+    metrics.append(write_cell(tmp_path / "runs", "digits", "vit", "gmm-k3", 2, selected_top1=11.0,
+                              learned=False, not_learned_reason="top-1 near chance"))
+    table = report.report(metrics, tmp_path / "out")
+    summary = report.kernel_summary(table)
+    assert summary[["kernels", "n", "not_learned"]].values.tolist() == [[3, 2, 1]]
+    assert summary["mean"].item() == 72.0 and math.isnan(summary["none_mean"].item())
+
+
+def test_no_kernels_plot_without_k_variants(grid: dict) -> None:
+    report.report(grid["metrics"], grid["out"], grid["measures"])
+    assert not report.has_kernel_variants(["none", "gmm", "elm", "gmm_add"])
+    assert report.has_kernel_variants(["none", "gmm-k3"])
+    assert not (grid["out"] / "plots" / "kernels.png").exists()
+
+
+# ---------------------------------------------------------------- what the masks learned
+
+
+def by_distance_reference(values: np.ndarray, grid: int) -> dict[float, list[list[float]]]:
+    """Per distance: the values of each head at every pair of patches that far apart (loops)."""
+    found: dict[float, list[list[float]]] = {}
+    for i in range(grid * grid):
+        for j in range(grid * grid):
+            distance = math.hypot(i // grid - j // grid, i % grid - j % grid)
+            found.setdefault(round(distance, 9), []).append([float(v) for v in values[:, i, j]])
+    return found
+
+
+def test_mask_by_distance_evaluates_the_mixture_at_every_distance_of_the_grid() -> None:
+    import torch
+
+    from gmmvit.masks import build_mask
+
+    mask = build_mask("gmm-k2", grid=5, num_heads=3)
+    alpha = torch.tensor([[1.0, -2.0, 0.5], [3.0, 0.25, -1.0]])
+    sigma = torch.tensor([[0.7, 2.0, 5.0], [3.0, -1.5, 0.4]])  # unconstrained: a negative sigma is allowed
+    with torch.no_grad():
+        mask.alpha.copy_(alpha)
+        mask.sigma.copy_(sigma)
+    distances, mean, low, high = report.mask_by_distance(mask)
+    # the distances that occur on a 5x5 grid: sqrt(dy^2 + dx^2), dy, dx in 0..4
+    expected = sorted({math.hypot(dy, dx) for dy in range(5) for dx in range(5)})
+    assert distances.tolist() == pytest.approx(expected)
+    a, s = alpha.double().numpy(), sigma.double().numpy()
+    for h in range(3):
+        mixture = [sum(a[k, h] * math.exp(-d * d / (2 * (s[k, h] ** 2 + 1e-5))) for k in range(2))
+                   for d in expected]
+        assert mean[h].tolist() == pytest.approx(mixture, rel=1e-5, abs=1e-6)
+    assert np.allclose(low, mean, atol=1e-6) and np.allclose(high, mean, atol=1e-6)  # distance alone
+    # around the centre patch (2, 2): the mixture at each patch's distance from it
+    centre = report.mask_around_centre(mask)
+    assert centre.shape == (3, 5, 5)
+    d = math.hypot(0 - 2, 1 - 2)
+    assert centre[1, 0, 1] == pytest.approx(sum(a[k, 1] * math.exp(-d * d / (2 * (s[k, 1] ** 2 + 1e-5)))
+                                                for k in range(2)), rel=1e-5)
+
+
+def test_mask_by_distance_averages_elm_and_keeps_its_spread() -> None:
+    import torch
+
+    from gmmvit.masks import build_mask
+
+    mask = build_mask("elm", grid=4, num_heads=6)
+    with torch.no_grad():
+        mask.weight.copy_(torch.randn(16, 16, generator=torch.Generator().manual_seed(3)))
+    distances, mean, low, high = report.mask_by_distance(mask)
+    assert mean.shape == (1, len(distances))  # one matrix shared by the heads: one profile
+    reference = by_distance_reference(mask.weight.detach().double().numpy()[None], 4)
+    assert [round(d, 9) for d in distances] == sorted(reference)
+    for column, distance in enumerate(sorted(reference)):
+        values = [v[0] for v in reference[distance]]
+        assert mean[0, column] == pytest.approx(sum(values) / len(values), rel=1e-6)
+        assert (low[0, column], high[0, column]) == pytest.approx((min(values), max(values)))
+
+
+def test_a_temperature_is_one_factor_per_head() -> None:
+    import torch
+
+    from gmmvit.masks import build_mask
+
+    mask = build_mask("temperature", grid=4, num_heads=3)
+    mask.set_logit_scale(0.125)
+    with torch.no_grad():
+        mask.temperature.copy_(torch.tensor([0.125, 0.25, 0.0625]))
+    values = report.mask_values(mask)
+    assert report.is_per_head_constant(values)
+    assert values.reshape(-1).tolist() == pytest.approx([1.0, 2.0, 0.5])  # tau_h / s
+
+
+@pytest.fixture(scope="module")
+def smoke_cell(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real cell: `gmmvit train` with the smoke recipe for one epoch, digits, ViT, GMM (~10 s)."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("smoke") / "runs" / "smoke" / "digits" / "vit-gmm" / "seed0"
+    gmmvit = Path(sys.executable).with_name("gmmvit")
+    subprocess.run([str(gmmvit), "train", "--dataset", "digits", "--model", "vit", "--mask", "gmm",
+                    "--seed", "0", "--recipe", "smoke", "--set", "epochs=1", "--threads", "1",
+                    "--out", str(out)], check=True, capture_output=True, timeout=300)
+    return out
+
+
+def test_mask_figures_come_from_a_real_cells_saved_parameters(smoke_cell: Path, tmp_path: Path) -> None:
+    import torch
+
+    table = report.report([smoke_cell / "metrics.json"], tmp_path / "out")
+    figure = tmp_path / "out" / "plots" / "masks" / "vit-gmm.png"
+    data = figure.read_bytes()
+    assert data.startswith(PNG_MAGIC) and len(data) > 50_000  # 9 layer panels and 24 heat maps
+    assert report.mask_figure_cells(table)["mask"].tolist() == ["gmm"]
+
+    record = json.loads((smoke_cell / "metrics.json").read_text())
+    saved = torch.load(smoke_cell / "mask_params.pt", weights_only=True)
+    masks = report.rebuild_masks(record, saved)
+    assert [name for name, _ in masks] == [f"blocks.{i}.attn.mask" for i in range(9)]
+    for name, mask in masks:
+        # the trained values, not a fresh initialisation: the profile is the saved mixture's
+        alpha, sigma = saved[f"{name}.alpha"].double(), saved[f"{name}.sigma"].double()
+        assert alpha.shape == (5, 12)  # K from the smoke recipe's mask_kernels, 12 heads
+        distances, mean, _, _ = report.mask_by_distance(mask)
+        d2 = torch.tensor(distances, dtype=torch.float64) ** 2
+        expected = (alpha[:, :, None] * torch.exp(-d2 / (2 * (sigma[:, :, None] ** 2 + 1e-5)))).sum(0)
+        assert torch.allclose(torch.from_numpy(mean), expected, rtol=1e-5, atol=1e-5), name
+
+
+def test_mask_parameters_that_do_not_fit_the_model_are_refused(smoke_cell: Path) -> None:
+    import torch
+
+    record = json.loads((smoke_cell / "metrics.json").read_text())
+    saved = torch.load(smoke_cell / "mask_params.pt", weights_only=True)
+    with pytest.raises(ValueError, match="does not fit vit with mask gmm-k3"):
+        report.rebuild_masks(record | {"mask": "gmm-k3"}, saved)  # alpha is (5, 12), K=3 wants (3, 12)
+    del saved["blocks.8.attn.mask.sigma"]
+    with pytest.raises(ValueError, match="missing.*blocks.8.attn.mask.sigma"):
+        report.rebuild_masks(record, saved)
+
+
+def test_a_record_without_mask_parameters_gets_a_figure_that_says_so(tmp_path: Path) -> None:
+    metrics = [write_cell(tmp_path / "runs", "digits", "vit", m, 0) for m in ("none", "gmm")]
+    report.report(metrics, tmp_path / "out")
+    figures = sorted(p.name for p in (tmp_path / "out" / "plots" / "masks").iterdir())
+    assert figures == ["vit-gmm.png"]  # masked models only

@@ -218,7 +218,8 @@ def test_paper_grid_dry_run_with_everything_built_does_nothing(tmp_path: Path) -
         [f"results/{name}"
          for name in ("table.md", "table_best.md", "table_last.md", "table.csv", "tables.html")]
         + [f"results/plots/{name}.png"
-           for name in ("accuracy", "paired_difference", "learning_curves", "vs_paper")],
+           for name in ("accuracy", "paired_difference", "learning_curves", "vs_paper")]
+        + [f"results/plots/masks/{m}-{k}.png" for m in grid["models"] for k in grid["masks"] if k != "none"],
     ]
     for source in (work / "src").rglob("*"):
         os.utime(source, (now - 1000, now - 1000))
@@ -266,8 +267,9 @@ def test_build_writes_every_cell_and_a_table_of_their_numbers(built: Path) -> No
         assert "[" not in shown
         assert (built / metrics(dataset, mask)).with_name("history.csv").is_file()
     assert (built / "results/measure/vit-gmm-32px-2c.json").is_file()
-    for plot in ("accuracy", "paired_difference", "learning_curves", "vs_paper"):
+    for plot in ("accuracy", "paired_difference", "learning_curves", "vs_paper", "masks/vit-gmm"):
         assert (built / f"results/plots/{plot}.png").stat().st_size > 0
+    assert not (built / "results/plots/kernels.png").exists()  # no K variants in this grid
 
 
 def test_second_run_does_nothing(built: Path) -> None:
@@ -432,5 +434,8 @@ def test_html_report_reads_as_a_reader_sees_it_in_chromium(built: Path, tmp_path
     record = json.loads((built / metrics("digits", "none")).read_text())
     assert rows[0][0] == "ViT" and rows[0][1].startswith(f"{record['selected_top1']:.2f}")
     assert set(seen.plots) == {"accuracy", "paired_difference", "learning_curves", "vs_paper"}
+    # the mask figure is in the report, under its own category (a JSON key of the page's data)
+    page = report.read_text()
+    assert '"What the masks learned"' in page and "vit-gmm.png" in page
     assert all(width > 100 and shown for width, shown in seen.plots.values()), seen.plots
     assert (tmp_path / "report.png").stat().st_size > 10_000

@@ -9,7 +9,10 @@ of ``gmmvit measure``; every number in a table or plot is a function of those. W
   table_best.md   the best test epoch (the paper's figure), beside the paper's published numbers
   table_last.md   the last epoch
   table.csv       tidy: one row per cell, every field of its record, its measure, the paper's figure
-  plots/          accuracy.png, paired_difference.png, learning_curves.png, vs_paper.png
+  plots/          accuracy.png, paired_difference.png, learning_curves.png, vs_paper.png;
+                  kernels.png (accuracy against K) when the cells include K variants (gmm-k3, ...);
+                  masks/<model>-<mask>.png: what each masked model learned (seed 0, the first
+                  dataset), rebuilt from the cell's mask_params.pt
 
 What a cell of the markdown tables claims, and no more:
 
@@ -21,7 +24,7 @@ What a cell of the markdown tables claims, and no more:
   near chance) is flagged ✗, left out of every mean, and no difference is computed for or against it.
 
 Every table opens with the provenance a reviewer needs (selection, device and CPU capability, hosts,
-SLURM jobs, library versions, source hashes, dataset fingerprints, determinism, split sizes, wall
+SLURM jobs with their nodes and granted CPUs, GPU ids and device slots, library versions, source hashes, dataset fingerprints, determinism, split sizes, wall
 time), and says prominently when cells differ in any of them ("⚠ mixed") or come from records
 written before these fields existed ("⚠ provenance incomplete": such a record's selected epoch is
 its best test epoch).
@@ -34,14 +37,19 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 from collections.abc import Iterable, Sequence
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 from scipy import stats
+
+if TYPE_CHECKING:  # the tables need no torch; only the mask figures import it, when drawn
+    from .masks import LocalityMask
 
 IDENTITY = ["recipe", "dataset", "model", "mask", "seed"]
 # Display order and names: the paper's table order first; unknown names (a new registry entry)
@@ -53,15 +61,21 @@ DATASET_NAMES = {"digits": "Digits", "cifar10": "CIFAR-10", "cifar100": "CIFAR-1
                  "tinyimagenet": "Tiny-ImageNet", "folder": "Folder"}
 PAPER_SOURCE = "gmm_readme"  # the GMM paper's own table; the other source in the CSV is SPT/LSA's
 REFERENCE_SHAPE = (32, 10)  # the paper counts Params / MACs at 32x32 input, 10 classes
-PLOTS = ("accuracy", "paired_difference", "learning_curves", "vs_paper")
+PLOTS = ("accuracy", "paired_difference", "learning_curves", "vs_paper")  # written for every grid
+KERNELS_PLOT = "kernels"  # written only when the cells include K variants (gmm-k3, ...)
+MASK_FIGURES = "masks"  # plots/masks/<model>-<mask>.png, one per masked model x mask spec
+# A K variant's spec (gmmvit.masks.base's grammar); a family listed bare has the recipe's K.
+KERNEL_SPEC = re.compile(r"(?P<family>[a-z0-9_]+)-k(?P<kernels>[1-9][0-9]*)")
+DEFAULT_KERNELS = 5  # the built-in recipes' mask_kernels, for a record that does not say its own
 TABLES = ("table.md", "table_best.md", "table_last.md", "table.csv", "tables.html")
 CONFIDENCE = 0.95
 # Fields of the flat record that older code did not write: a record lacking any of them has
 # incomplete provenance (the table's header says so, and which).
 PROVENANCE = ("selection", "selected_epoch", "selected_top1", "val_top1", "val_fraction", "learned",
               "not_learned_reason", "final_train_loss", "chance_top1", "cpu_capability", "host",
-              "slurm_job_id", "source_hash", "dataset_fingerprint", "deterministic", "num_classes",
-              "img_size", "n_train", "n_val", "n_test")
+              "slurm_job_id", "slurm_node", "granted_cpus", "gpu_ids", "device_slot", "source_hash",
+              "dataset_fingerprint", "deterministic", "num_classes", "img_size", "n_train", "n_val",
+              "n_test")
 VERSIONS = {"torch": "torch", "timm": "timm", "cuda": "CUDA", "cudnn": "cuDNN", "python": "python",
             "gmmvit": "gmmvit"}
 NOT_LEARNED = "✗"
@@ -475,6 +489,49 @@ def warnings(table: pd.DataFrame) -> list[str]:
     return [w for w in found if w]
 
 
+def _cells(n: int) -> str:
+    return f"{n} cell{'s' * (n != 1)}"
+
+
+def _listed(values: Sequence[str], most: int = 10) -> str:
+    return ", ".join(values[:most]) + (f" and {len(values) - most} more" if len(values) > most else "")
+
+
+def _never_recorded(table: pd.DataFrame, field: str) -> bool:
+    """No record has ``field``: they all come from code older than it (unknown, not "none")."""
+    return bool(table[field].isna().all() and table["missing_fields"].str.contains(rf"\b{field}\b").all())
+
+
+def scheduler(table: pd.DataFrame) -> str:
+    """What the cells were granted: "SLURM: 12 jobs (ids) on nodes a, b, 2 CPUs granted (12 cells).
+    GPUs: CUDA_VISIBLE_DEVICES 0 (6 cells), 1 (6 cells); local device slots 0:0 (3 cells), ..."."""
+    jobs = list(dict.fromkeys(map(str, _known(table["slurm_job_id"]))))
+    if not jobs:
+        slurm = "SLURM: unknown (older records)." if _never_recorded(table, "slurm_job_id") else "SLURM: none."
+    else:
+        in_slurm = table["slurm_job_id"].notna()
+        nodes = list(dict.fromkeys(map(str, _known(table.loc[in_slurm, "slurm_node"]))))
+        slurm = (f"SLURM: {len(jobs)} job{'s' * (len(jobs) != 1)} ({_listed(jobs)}) on "
+                 + (f"node{'s' * (len(nodes) != 1)} {', '.join(nodes)}" if nodes else "nodes unknown"))
+        cpus = _counted(table.loc[in_slurm, "granted_cpus"].map(lambda v: v if pd.isna(v) else int(v)))
+        slurm += ("; CPUs granted per job: " + ", ".join(f"{v} ({_cells(n)})" for v, n in cpus)
+                  if cpus else "; CPUs granted unknown")
+        outside = int((~in_slurm).sum())
+        slurm += (f"; {_cells(outside)} outside SLURM." if outside else ".")
+    if _never_recorded(table, "gpu_ids") and _never_recorded(table, "device_slot"):
+        return slurm + " GPUs: unknown (older records)."
+    gpus, slots = _counted(table["gpu_ids"]), _counted(table["device_slot"])
+    if not gpus and not slots:
+        return slurm + " GPUs: none."
+    parts = []
+    if gpus:
+        parts.append("CUDA_VISIBLE_DEVICES " + ", ".join(f"{v} ({_cells(n)})" for v, n in gpus))
+    if slots:
+        parts.append("local device slots (device:k) " + ", ".join(f"{v} ({_cells(n)})" for v, n in slots))
+    without = int((table["gpu_ids"].isna() & table["device_slot"].isna()).sum())
+    return slurm + " GPUs: " + "; ".join(parts) + (f"; {_cells(without)} without" if without else "") + "."
+
+
 def provenance(table: pd.DataFrame, grid: str | None) -> list[str]:
     """What was run, on what, by what code, on which data, read from the records."""
     lines = [(f"Grid: `{grid}`. " if grid else "")
@@ -491,12 +548,7 @@ def provenance(table: pd.DataFrame, grid: str | None) -> list[str]:
             recipe_line += f"; for {dataset}: " + ", ".join(f"{k}={_unique(group[k])}" for k in varying)
     lines.append(recipe_line + ".")
     run_on = "; ".join(f"{v} ({n} cell{'s' * (n != 1)})" for v, n in _counted(_run_on(table)))
-    slurm = _known(table["slurm_job_id"])
-    jobs = list(dict.fromkeys(map(str, slurm)))
-    slurm_text = "none" if not jobs else ", ".join(jobs[:10]) + (f" and {len(jobs) - 10} more" if len(jobs) > 10 else "")
-    if table["slurm_job_id"].isna().all() and (table["missing_fields"].str.contains("slurm_job_id")).all():
-        slurm_text = "unknown"
-    lines.append(f"Run on: {run_on}. Hosts: {_unique(table['host'])}. SLURM jobs: {slurm_text}.")
+    lines.append(f"Run on: {run_on}. Hosts: {_unique(table['host'])}. {scheduler(table)}")
     lines.append("Versions: " + "; ".join(f"{name} {_unique(table[f'{k}_version'])}"
                                           for k, name in VERSIONS.items()) + ".")
     fingerprints = "; ".join(f"{d} {_unique(g)}" for d, g in table["dataset_fingerprint"].groupby(
@@ -786,6 +838,308 @@ def write_plots(table: pd.DataFrame, histories: pd.DataFrame, out_dir: Path) -> 
         plt.close(fig)
 
 
+# ---------------------------------------------------------------- accuracy against K
+
+
+def has_kernel_variants(masks: Iterable[str]) -> bool:
+    """Whether the mask specs include a K variant (gmm-k3): only then is there a K plot. The
+    workflow (rules/common.smk) asks the same of the grid's specs to list kernels.png."""
+    return any(KERNEL_SPEC.fullmatch(spec) for spec in masks)
+
+
+def _recipe_kernels(recipe_config) -> int:
+    """The K a bare family spec (gmm) trained with: its resolved recipe's mask_kernels."""
+    if isinstance(recipe_config, str):
+        recipe_config = json.loads(recipe_config)
+    if isinstance(recipe_config, dict) and "mask_kernels" in recipe_config:
+        return int(recipe_config["mask_kernels"])
+    return DEFAULT_KERNELS
+
+
+def kernel_cells(table: pd.DataFrame) -> pd.DataFrame:
+    """The cells of every family the cells list with a K variant, with their ``family`` and K
+    (``kernels``): gmm-k3 has K=3; the bare family (gmm) has its recipe's mask_kernels. A family
+    without any -k<K> spec among the cells is left out (a single K is no ablation)."""
+    families = {m["family"] for spec in table["mask"].unique() if (m := KERNEL_SPEC.fullmatch(spec))}
+    rows = []
+    for index, cell in table.iterrows():
+        if match := KERNEL_SPEC.fullmatch(cell["mask"]):
+            rows.append((index, match["family"], int(match["kernels"])))
+        elif cell["mask"] in families:
+            rows.append((index, cell["mask"], _recipe_kernels(cell.get("recipe_config"))))
+    picked = table.loc[[i for i, _, _ in rows]].copy()
+    picked["family"] = [f for _, f, _ in rows]
+    picked["kernels"] = [k for _, _, k in rows]
+    return picked
+
+
+def kernel_summary(table: pd.DataFrame, metric: str = "selected_top1") -> pd.DataFrame:
+    """Per dataset x model x family x K: the mean of ``metric`` over the seeds that learned, the
+    half-width of its 95% t-interval (NaN with one seed), n, how many did not learn, and the
+    unmasked model's mean beside it (``none_mean``; NaN if the cells have no usable baseline)."""
+    cells = kernel_cells(table)
+    ok = usable(table)
+    columns = ["dataset", "model", "family", "kernels", "mean", "half_width", "n", "not_learned", "none_mean"]
+    rows = []
+    for (dataset, model, family, kernels), group in cells.groupby(
+            ["dataset", "model", "family", "kernels"], sort=False):
+        learned = ok[group.index]
+        mean, half, n = t_interval(pd.to_numeric(group.loc[learned, metric], errors="coerce"))
+        baseline = table[(table["dataset"] == dataset) & (table["model"] == model)
+                         & (table["mask"] == "none") & ok]
+        rows.append({"dataset": dataset, "model": model, "family": family, "kernels": kernels,
+                     "mean": mean, "half_width": half, "n": n, "not_learned": int((~learned).sum()),
+                     "none_mean": pd.to_numeric(baseline[metric], errors="coerce").mean()
+                     if len(baseline) else math.nan})
+    frame = pd.DataFrame(rows, columns=columns)
+    models = _ordered(frame["model"], MODEL_NAMES)
+    return frame.sort_values(["dataset", "model", "family", "kernels"],
+                             key=lambda col: col.map(models.index) if col.name == "model" else col,
+                             kind="stable").reset_index(drop=True)
+
+
+def write_kernels_plot(table: pd.DataFrame, path: Path) -> None:
+    """Accuracy against K: per dataset a panel, per model (colour) and family (marker) the mean
+    over seeds with its 95% t-interval; the unmasked model's mean as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    summary_ = kernel_summary(table)
+    _, _, chosen = selection(table)
+    datasets = list(dict.fromkeys(summary_["dataset"]))
+    models = _ordered(summary_["model"], MODEL_NAMES)
+    families = list(dict.fromkeys(summary_["family"]))
+    colours = dict(zip(models, sns.color_palette(n_colors=len(models))))
+    markers = dict(zip(families, "os^Dv<>"))
+    series = [(m, f) for m in models for f in families]
+    fig, axes = _panels(len(datasets), width=6.0, height=4.0)
+    for ax, dataset in zip(axes, datasets):
+        here = summary_[summary_["dataset"] == dataset]
+        for i, (model, family) in enumerate(series):
+            s = here[(here["model"] == model) & (here["family"] == family)]
+            if s.empty:
+                continue
+            # side by side, so the intervals of two models at one K do not hide each other
+            x = s["kernels"] + (i - (len(series) - 1) / 2) * 0.15
+            label = f"{MODEL_NAMES.get(model, model)} {mask_label(family)[0]}"
+            ax.errorbar(x, s["mean"], yerr=s["half_width"].fillna(0), fmt=f"-{markers[family]}",
+                        color=colours[model], capsize=3, label=label)
+            for xi, (_, row) in zip(x, s.iterrows()):
+                note = f"n={row['n']}" + (f", {NOT_LEARNED}{row['not_learned']}" if row["not_learned"] else "")
+                ax.annotate(note, (xi, row["mean"]), xytext=(0, 6), textcoords="offset points",
+                            ha="center", fontsize=6, color="dimgrey")
+        for model in models:
+            baseline = here.loc[here["model"] == model, "none_mean"].dropna()
+            if len(baseline):
+                ax.axhline(baseline.iloc[0], color=colours[model], linestyle="--", linewidth=1,
+                           label=f"{MODEL_NAMES.get(model, model)} unmasked (mean)")
+        ks = sorted(here["kernels"].unique())
+        ax.set_xticks(ks, [str(k) for k in ks])
+        ax.set_xlabel("K (Gaussians per head)")
+        ax.set_ylabel("test top-1 (%)")
+        ax.set_title(DATASET_NAMES.get(dataset, dataset))
+        ax.legend(fontsize=7, loc="best")
+    _title(fig, f"Test top-1 against K: mean over seeds and {CONFIDENCE:.0%} t-interval (no bar: one "
+           "seed); a bare family spec counts at its recipe's mask_kernels", table, chosen)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- what the masks learned
+# Each figure is drawn from the mask modules themselves: the cell's model is built as train.py
+# built it and the saved parameters are loaded into it by name, so the figure shows what the
+# trained model computes, with no formula restated here. This is the one part of the report that
+# needs torch and the package's models and masks; it needs no extra workflow input, because a
+# change to a model or mask module retrains its cells, and a retrained cell reruns the report.
+
+
+def rebuild_masks(record: dict, saved: dict) -> list[tuple[str, LocalityMask]]:
+    """The masked layers (module name, mask) of the cell ``record`` describes, holding the saved
+    parameters ``saved`` (mask_params.pt: "<module name>.<parameter>" -> tensor)."""
+    from .masks import LocalityMask, mask_options
+    from .models import build_model
+
+    kernels = _recipe_kernels(record.get("recipe_config"))
+    model = build_model(record["model"], mask=record["mask"], img_size=int(record["img_size"]),
+                        num_classes=int(record["num_classes"]),
+                        mask_kwargs=mask_options(record["mask"], default_kernels=kernels))
+    masks = [(name, module) for name, module in model.named_modules() if isinstance(module, LocalityMask)]
+    expected = {f"{name}.{p}": tuple(value.shape) for name, module in masks
+                for p, value in module.named_parameters()}
+    misfit = sorted(k for k in set(expected) & set(saved) if tuple(saved[k].shape) != expected[k])
+    if set(saved) != set(expected) or misfit:
+        raise ValueError(
+            f"mask_params.pt does not fit {record['model']} with mask {record['mask']}: missing "
+            f"{sorted(set(expected) - set(saved))[:4]}, unexpected {sorted(set(saved) - set(expected))[:4]}, "
+            "other shapes: " + (", ".join(f"{k} {tuple(saved[k].shape)} != {expected[k]}" for k in misfit[:2])
+                                or "none"))
+    model.load_state_dict(saved, strict=False)  # strict=False: everything but the masks is not saved
+    return masks
+
+
+def mask_values(mask) -> np.ndarray:
+    """The layer's mask as its module computes it, float64, (heads or 1, N, N), or (heads, 1, 1)
+    for a per-head factor that does not depend on the token pair (a temperature)."""
+    import torch
+
+    with torch.no_grad():
+        return mask().double().cpu().numpy()
+
+
+def is_per_head_constant(values: np.ndarray) -> bool:
+    return values.shape[-2:] == (1, 1)
+
+
+def mask_by_distance(mask) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(distances, mean, low, high): the layer's mask over its patch-token pairs grouped by their
+    Euclidean distance in patches. ``distances`` are those that occur on the layer's grid,
+    ascending; ``mean``, ``low`` and ``high`` are (heads or 1, distances): the mean, min and max of
+    the mask over the pairs at that distance. For a mask of the distance alone (GMM, ALiBi) the
+    three are equal; ELM's learned matrix and RMT's Manhattan decay spread around the mean."""
+    from .masks import grid_offsets
+
+    values = mask_values(mask)
+    n = mask.num_tokens
+    values = np.broadcast_to(values, (values.shape[0], n, n))
+    dy, dx = (o.numpy() for o in grid_offsets(mask.grid))
+    d2 = dy**2 + dx**2  # integers: pairs at one distance group exactly
+    levels = np.unique(d2)
+    groups = [values[:, d2 == level] for level in levels]
+    return (np.sqrt(levels.astype(float)), np.stack([g.mean(1) for g in groups], 1),
+            np.stack([g.min(1) for g in groups], 1), np.stack([g.max(1) for g in groups], 1))
+
+
+def mask_around_centre(mask) -> np.ndarray:
+    """(heads or 1, grid, grid): the mask of the centre patch's query over every key patch."""
+    values = mask_values(mask)
+    grid, n = mask.grid, mask.num_tokens
+    values = np.broadcast_to(values, (values.shape[0], n, n))
+    centre = (grid // 2) * grid + grid // 2
+    return values[:, centre, :].reshape(-1, grid, grid)
+
+
+def _short_layer(name: str) -> str:
+    """blocks.3.attn.mask -> blocks.3; layers.2.blocks.1.attn.mask -> layers.2.blocks.1."""
+    return re.sub(r"\.attn\.mask$|\.mask$", "", name)
+
+
+def _value_meaning(mask) -> str:
+    return "factor on the scaled logits" if mask.combine == "mul" else "bias added to the logits"
+
+
+def write_mask_figure(metrics: Path, path: Path) -> None:
+    """One figure of what a cell's masks learned, from the mask_params.pt beside its record:
+    per masked layer the mask against patch distance, one line per head (a band: its min-max
+    over the pairs at that distance), or for a per-head temperature a bar per head; and a heat
+    map of the mask around the centre patch for the first and last masked layer, per head."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    record = json.loads(Path(metrics).read_text())
+    params = Path(metrics).with_name("mask_params.pt")
+    what = f"{row_label(record['model'], record['mask'])}, {record['dataset']}, seed {record['seed']}"
+    if not params.is_file():
+        _placeholder(path, f"{what}: no mask_params.pt beside {metrics} (written by older code?)")
+        return
+    masks = rebuild_masks(record, torch.load(params, map_location="cpu", weights_only=True))
+    constant = is_per_head_constant(mask_values(masks[0][1]))
+    cols = min(6, len(masks))
+    rows = math.ceil(len(masks) / cols)
+    shown = [] if constant else list(dict.fromkeys([0, len(masks) - 1]))  # first and last layer
+    heat_cols = 12
+    heat_rows = [math.ceil(mask_around_centre(masks[i][1]).shape[0] / heat_cols) for i in shown]
+    top_height, heat_height = 2.3 * rows, [1.35 * r + 0.5 for r in heat_rows]
+    fig = plt.figure(figsize=(max(2.9 * cols, 1.3 * heat_cols), top_height + sum(heat_height) + 1.2),
+                     layout="constrained")  # lays out the subfigures' titles, labels and colour bars
+    parts = fig.subfigures(1 + len(shown), 1, height_ratios=[top_height, *heat_height], squeeze=False)[:, 0]
+
+    axes = parts[0].subplots(rows, cols, squeeze=False).flatten()
+    for ax in axes[len(masks):]:
+        ax.set_visible(False)
+    for ax, (name, mask) in zip(axes, masks):
+        title = f"{_short_layer(name)} ({mask.grid}x{mask.grid}, {mask.num_heads} heads)"
+        if constant:
+            factors = mask_values(mask).reshape(-1)
+            ax.bar(np.arange(1, len(factors) + 1), factors, color="tab:blue")
+            ax.axhline(1.0, color="black", linewidth=0.8)
+            ax.set_xlabel("head", fontsize=7)
+            ax.set_ylabel("τ_h / s", fontsize=7)
+            ax.tick_params(labelsize=7)
+            blocked = mask.blocked() is not None
+            ax.set_title(title + ("\nown-token logit blocked" if blocked else ""), fontsize=7)
+            continue
+        distances, mean, low, high = mask_by_distance(mask)
+        colours = plt.cm.viridis(np.linspace(0, 0.9, len(mean)))
+        for head, colour in enumerate(colours):
+            ax.plot(distances, mean[head], color=colour, linewidth=1.2)
+            if np.any(high[head] > low[head]):
+                ax.fill_between(distances, low[head], high[head], color=colour, alpha=0.15, linewidth=0)
+        ax.set_title(title + (", shared by heads" if len(mean) < mask.num_heads else ""), fontsize=7)
+        ax.set_xlabel("patch distance", fontsize=7)
+        ax.set_ylabel(_value_meaning(mask), fontsize=7)
+        ax.tick_params(labelsize=7)
+
+    for part, index in zip(parts[1:], shown):
+        name, mask = masks[index]
+        maps = mask_around_centre(mask)
+        heads = len(maps)
+        grid_axes = part.subplots(math.ceil(heads / heat_cols), min(heads, heat_cols), squeeze=False).flatten()
+        low, high = maps.min(), maps.max()
+        for ax in grid_axes[heads:]:
+            ax.set_visible(False)
+        for head, ax in enumerate(grid_axes[:heads]):
+            image = ax.imshow(maps[head], cmap="viridis", vmin=low, vmax=high)
+            ax.plot(mask.grid // 2, mask.grid // 2, marker="+", color="red", markersize=6)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title("shared by heads" if heads < mask.num_heads else f"head {head + 1}", fontsize=7)
+        part.colorbar(image, ax=list(grid_axes[:heads]), shrink=0.8)
+        part.suptitle(f"{'first' if index == 0 else 'last'} masked layer, {_short_layer(name)}: the "
+                      f"mask of the centre patch (+) over the {mask.grid}x{mask.grid} patches "
+                      f"({_value_meaning(mask)})", fontsize=9)
+
+    learned = "" if record.get("learned", True) else f"; {NOT_LEARNED} this cell did not learn"
+    if constant:
+        how = ("a per-head temperature τ_h relative to the layer's logit scale s, per layer "
+               "(1 = the unmasked attention); it does not depend on the patch pair, so no heat map")
+    else:
+        how = ("top: the mask against patch distance, per layer, one line per head (dark: head 1, "
+               "light: the last; band: min-max over the pairs at that distance); below: around the "
+               "centre patch")
+    import textwrap
+
+    lines = textwrap.wrap(f"What the mask learned: {what} (recipe {record['recipe']}){learned}. {how}",
+                          width=int(fig.get_figwidth() * 14))
+    fig.suptitle("\n".join(lines), fontsize=10)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def mask_figure_cells(table: pd.DataFrame) -> pd.DataFrame:
+    """The cell each mask figure shows: per model x masked spec, the first of its cells in the
+    table's order (its first dataset, lowest seed: seed 0 of a grid that has it)."""
+    masked = table[table["mask"] != "none"]
+    return masked.drop_duplicates(["model", "mask"], keep="first")
+
+
+def write_mask_figures(table: pd.DataFrame, plots_dir: Path) -> list[Path]:
+    folder = plots_dir / MASK_FIGURES
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for _, cell in mask_figure_cells(table).iterrows():
+        path = folder / f"{cell['model']}-{cell['mask']}.png"
+        write_mask_figure(Path(cell["metrics"]), path)
+        written.append(path)
+    return written
+
+
+
 # ---------------------------------------------------------------- entry point
 
 
@@ -800,6 +1154,9 @@ def report(runs: Sequence[str | Path], out_dir: str | Path, measures: Sequence[s
     table = cell_table(cells, measured, ref)
     write_tables(table, measured, ref, out, grid)
     write_plots(table, load_histories(cells), out)
+    if has_kernel_variants(table["mask"]):
+        write_kernels_plot(table, out / "plots" / f"{KERNELS_PLOT}.png")
+    write_mask_figures(table, out / "plots")
     return table
 
 
@@ -822,8 +1179,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = args[1:]
     ns = build_parser().parse_args(args)
     table = report(ns.runs, ns.out_dir, ns.measures, ns.reference, ns.grid)
+    plots = [*PLOTS, KERNELS_PLOT] if has_kernel_variants(table["mask"]) else PLOTS
+    figures = len(mask_figure_cells(table))
     print(f"{len(table)} cells -> {Path(ns.out_dir) / TABLES[0]}, {', '.join(TABLES[1:])}, "
-          f"plots/{{{','.join(PLOTS)}}}.png")
+          f"plots/{{{','.join(plots)}}}.png, {figures} mask figures in plots/{MASK_FIGURES}/")
     return 0
 
 

@@ -208,6 +208,7 @@ def image_size(recipe: str, dataset: str) -> int:
 # Functions, not constants: this file is included before the config is validated.
 
 PLOTS = ["accuracy", "paired_difference", "learning_curves", "vs_paper"]  # gmmvit.report.PLOTS
+KERNELS_PLOT = "kernels"  # gmmvit.report.KERNELS_PLOT: accuracy against K, for grids with K variants
 
 
 def results(path: str) -> str:
@@ -239,8 +240,24 @@ def report_tables() -> list[str]:
     return [results(name) for name in names]
 
 
+def has_kernel_variants() -> bool:
+    """Whether the grid lists a K variant (gmm-k3): gmmvit.report.has_kernel_variants asks the same
+    of the cells, so the report writes kernels.png exactly when it is listed here."""
+    return any(MASK_SPEC.fullmatch(spec)["kernels"] for spec in config["grids"][config["grid"]]["masks"])
+
+
 def report_plots() -> list[str]:
-    return [results(f"plots/{name}.png") for name in PLOTS]
+    """The plots of every grid, and accuracy against K for a grid with K variants."""
+    names = PLOTS + ([KERNELS_PLOT] if has_kernel_variants() else [])
+    return [results(f"plots/{name}.png") for name in names]
+
+
+def mask_figures() -> dict[tuple[str, str], str]:
+    """(model, mask spec) -> the figure of what that masked model learned (gmmvit.report draws one
+    per model x masked spec of the cells, from seed 0's saved mask parameters)."""
+    grid = config["grids"][config["grid"]]
+    return {(model, mask): results(f"plots/masks/{model}-{mask}.png")
+            for model in grid["models"] for mask in grid["masks"] if mask != "none"}
 
 
 def prepared_marker(dataset: str) -> str | None:

@@ -1,5 +1,7 @@
-# The grid's cells -> tables and plots. report.py is an input here only, so editing it reruns the
-# report and nothing else.
+# The grid's cells -> tables, plots and the figures of what the masks learned. report.py is an input
+# here only, so editing it reruns the report and nothing else. The mask figures also run the model
+# and mask modules; those are no inputs here because editing one retrains its cells, whose new
+# records rerun the report anyway.
 
 
 rule report:
@@ -49,6 +51,17 @@ rule report:
                 labels={"plot": Path(plot).stem},
             )
             for plot in report_plots()
+        ],
+        # what each masked model learned, rebuilt from its seed-0 cell's mask_params.pt (which
+        # train.py writes before metrics.json, so a metrics.json here means it is there)
+        mask_figures=[
+            report(
+                figure,
+                caption="../report/mask_figure.rst",
+                category="What the masks learned",
+                labels={"model": model, "mask": mask},
+            )
+            for (model, mask), figure in mask_figures().items()
         ],
     params:
         grid=config["grid"],
