@@ -2,6 +2,7 @@
 
     python benchmarks/speed.py                 # all models x {none, gmm, elm}, batch 128, 32x32
     python benchmarks/speed.py --models vit --loop   # + the full training loop vs the model alone
+    python benchmarks/data_path.py             # the data path: workers, augmentation, start-up
 
 Repeats are interleaved (model A, B, C, A, B, C, ...) and medians reported, because this machine is
 noisy: ratios from one run are what to compare. Train FLOPs ~ 6 x forward MACs per image (fvcore,
@@ -28,7 +29,10 @@ def matmul_seconds(n: int = 2048) -> float:
     return time.perf_counter() - t0
 
 
-def make_step(model_name: str, mask: str, batch: int, img: int):
+def make_step(model_name: str, mask: str, batch: int, img: int, amp: bool = False):
+    """A model-only training step on a fixed batch (no data path); ``amp``: under bf16 autocast."""
+    from gmmvit.train import autocast
+
     torch.manual_seed(0)
     model = build_model(model_name, mask=mask, img_size=img, num_classes=10).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
@@ -36,7 +40,8 @@ def make_step(model_name: str, mask: str, batch: int, img: int):
 
     def step() -> float:
         t0 = time.perf_counter()
-        loss = torch.nn.functional.cross_entropy(model(x), y)
+        with autocast(torch.device("cpu"), amp):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

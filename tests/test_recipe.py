@@ -171,3 +171,18 @@ def test_schema_recipe_keys_are_the_recipe_dataclass():
     recipe = schema["recipe"]
     assert set(recipe["propertyNames"]["enum"]) == keys | {"base", "description", "per_dataset"}
     assert set(recipe["properties"]["per_dataset"]["additionalProperties"]["propertyNames"]["enum"]) == keys
+
+
+def test_speed_keys_are_off_in_every_builtin_recipe():
+    # workers, amp, tf32 and compile change how a run computes: off unless a recipe asks, so the
+    # built-in recipes give the numbers they always gave
+    for name, recipe in BUILTIN_RECIPES.items():
+        assert (recipe.workers, recipe.amp, recipe.tf32, recipe.compile) == (0, False, False, False), name
+    r = resolve_recipe("paper", sets=["workers=2", "amp=true", "tf32=yes", "compile=false"])
+    assert (r.workers, r.amp, r.tf32, r.compile) == (2, True, True, False)
+    with pytest.raises(ValueError, match="workers"):
+        Recipe(workers=-1)
+    with pytest.raises(TypeError, match="workers"):
+        resolve_recipe("paper", sets=["workers=1.5"])
+    with pytest.raises(TypeError, match="amp"):
+        resolve_recipe("paper", overrides={"amp": 1})

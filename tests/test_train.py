@@ -268,3 +268,30 @@ def test_subset_validation_and_kept_checkpoint_in_a_real_cell(tmp_path):
     assert record["selection"] == "val" and record["val_fraction"] == 0.25
     assert (out / "checkpoint.pt").exists()
     assert "16 val" in run.stdout and "CPU capability" in run.stdout
+
+
+def test_killed_run_with_two_workers_resumes_to_the_one_worker_numbers(tmp_path):
+    """Augmentation in worker processes: a run killed after its first checkpoint and resumed with 2
+    workers gives the numbers of an uninterrupted run with 1 (per-batch seeds, not per-worker RNGs)."""
+    sets = ("epochs=3",)
+    straight = train(tmp_path / "straight", *sets, "workers=1")
+    assert straight.returncode == 0, straight.stdout + straight.stderr
+    assert "data workers 1" in straight.stdout
+
+    out = tmp_path / "killed"
+    proc = train(out, *sets, "workers=2", wait=False)
+    deadline = time.time() + 300
+    while not (out / "checkpoint.pt").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.stdout else ""
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # its worker processes exit with it (torch watches the parent)
+    proc.wait()
+    resumed = train(out, *sets, "workers=2")
+    assert resumed.returncode == 0 and "resuming" in resumed.stdout, resumed.stdout + resumed.stderr
+    cols = ("epoch", "train_loss", "val_loss", "test_loss", "test_top1", "lr")
+    assert [[r[c] for c in cols] for r in history(tmp_path / "straight")] == \
+           [[r[c] for c in cols] for r in history(out)]
+    a = json.loads((tmp_path / "straight" / "metrics.json").read_text())
+    b = json.loads((out / "metrics.json").read_text())
+    assert a["recipe_config"].pop("workers") == 1 and b["recipe_config"].pop("workers") == 2
+    assert comparable(a) == comparable(b)

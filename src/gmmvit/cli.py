@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import pkgutil
 import sys
 from pathlib import Path
+
+# Modules of the registry packages that are not entries (models/common.py, masks/base.py); a test
+# holds the names below equal to gmmvit.models.model_names() and gmmvit.masks.mask_names().
+MODEL_HELPER_MODULES = frozenset({"common"})
+MASK_HELPER_MODULES = frozenset({"base"})
+NO_MASK = "none"
 
 
 def _measure(args: argparse.Namespace) -> int:
@@ -27,7 +35,7 @@ def _measure(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     if args.device_slots != "none":
         # first thing: the claim sets CUDA_VISIBLE_DEVICES, which CUDA reads once, when torch
-        # initialises it (importing torch, as the parser's registries do, does not)
+        # initialises it (importing torch does not; the parser does not import it at all)
         from .devices import claim_device_slot
 
         slot = claim_device_slot(args.device_slots, args.cells_per_gpu)
@@ -81,11 +89,28 @@ def _mask_spec(text: str) -> str:
     return text
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .masks import SPEC_SYNTAX, mask_names
-    from .models import model_names
+def _entry_modules(package: str, helpers: frozenset[str]) -> list[str]:
+    """The entries of a registry package (gmmvit.models, gmmvit.masks) from its module files,
+    without importing it: the registries import torch, and `gmmvit <command> --help` must answer
+    in a fraction of the second or more that importing torch takes."""
+    spec = importlib.util.find_spec(f"{__package__}.{package}")  # imports gmmvit only, not the package
+    assert spec is not None and spec.submodule_search_locations is not None
+    return sorted(m.name for m in pkgutil.iter_modules(spec.submodule_search_locations)
+                  if not m.name.startswith("_") and m.name not in helpers)
 
-    mask_help = f"mask spec, {SPEC_SYNTAX}: one of {', '.join(mask_names())}, or e.g. gmm-k3"
+
+def model_names() -> list[str]:
+    return _entry_modules("models", MODEL_HELPER_MODULES)
+
+
+def mask_names() -> list[str]:
+    return [NO_MASK, *_entry_modules("masks", MASK_HELPER_MODULES)]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # Names only: every import of torch, timm or the registries waits until a command runs.
+    mask_help = (f"mask spec, <family> or <family>-k<K>: one of {', '.join(mask_names())}, "
+                 "or e.g. gmm-k3")
 
     parser = argparse.ArgumentParser(prog="gmmvit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)

@@ -58,6 +58,14 @@ class Recipe:
     val_fraction: float = 0.0
     # reproducibility: deterministic kernels where the device has them (cuDNN, cuBLAS)
     deterministic: bool = True
+    # speed (all off by default, so the built-in recipes compute exactly what they always did):
+    # DataLoader worker processes that augment the batches, one thread each; 0 = in the training
+    # process, on the training RNG. From 1 on, each batch is augmented from its own seed, drawn from
+    # the cell's shuffle generator: the same numbers for 1, 2 or 16 workers (not those of 0).
+    workers: int = 0
+    amp: bool = False  # bf16 autocast of the training and evaluation forward passes (no loss scaling)
+    tf32: bool = False  # CUDA: TF32 matmuls and convolutions (no effect on the CPU)
+    compile: bool = False  # torch.compile the model for the training steps
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -71,6 +79,8 @@ class Recipe:
             raise ValueError("recipe probabilities mix_prob and random_erasing must lie in [0, 1]")
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"recipe key val_fraction must lie in [0, 1), got {self.val_fraction}")
+        if self.workers < 0:
+            raise ValueError(f"recipe key workers must be >= 0, got {self.workers}")
 
     def replace(self, **changes: Any) -> Recipe:
         unknown = set(changes) - {f.name for f in fields(self)}

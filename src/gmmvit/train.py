@@ -26,6 +26,7 @@ import platform
 import socket
 import sys
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from typing import Any
 import timm
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler
 from torchvision.transforms.v2.functional import resize
 from tqdm import tqdm
 
@@ -208,16 +209,99 @@ class AugmentedImages(Dataset):
             torch.set_num_threads(threads)
 
 
+class BatchSeededImages(AugmentedImages):
+    """The training images for worker processes: a batch arrives as (index, batch_seed) pairs and is
+    augmented from torch's CPU RNG seeded with its batch seed. Its augmentation then depends neither
+    on which worker draws it nor on what that worker drew before, so any worker count >= 1 gives the
+    same numbers, and a resumed run (fresh workers) the same as an uninterrupted one."""
+
+    def __getitems__(self, pairs: list[tuple[int, int]]) -> list[tuple[Tensor, Tensor]]:
+        seeds = {seed for _, seed in pairs}
+        if len(seeds) != 1:
+            raise ValueError(f"a batch must carry one seed, got {len(seeds)}")
+        # fork_rng puts the RNG back afterwards: harmless in a worker, and in the training process
+        # (a test, a benchmark) the training RNG is left as it was.
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seeds.pop())
+            return super().__getitems__([index for index, _ in pairs])
+
+
+class SeededBatches(Sampler[list[tuple[int, int]]]):
+    """The batches of ``batches`` (shuffled from the cell's generator), each index paired with one
+    seed per batch, drawn from the same generator once the epoch's order is drawn."""
+
+    def __init__(self, batches: BatchSampler, generator: torch.Generator) -> None:
+        self.batches, self.generator = batches, generator
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        # The whole epoch is drawn at its first batch, so the generator's state after the epoch
+        # (what the checkpoint saves) does not depend on how far the loader has prefetched.
+        order = list(self.batches)
+        seeds = torch.randint(0, 2**62, (len(order),), generator=self.generator).tolist()
+        for batch, seed in zip(order, seeds):
+            yield [(index, seed) for index in batch]
+
+
+def training_loader(images: Tensor, labels: Tensor, transform, recipe: Recipe, shuffle: torch.Generator,
+                    device: torch.device) -> DataLoader:
+    """The training batches: ``passes_per_epoch`` shuffled passes an epoch, full batches only (unless
+    the set is smaller than one batch).
+
+    ``workers == 0``: augmented in this process from the training RNG, the loader every recipe has
+    always used (its numbers unchanged). ``workers >= 1``: the same image order, augmented in
+    persistent worker processes (one thread each: torch's worker loop sets it) from per-batch seeds.
+    """
+    num_samples = len(labels) * recipe.passes_per_epoch
+    sampler = RandomSampler(range(len(labels)), num_samples=num_samples, generator=shuffle)
+    drop_last = num_samples >= recipe.batch_size
+    pin = device.type == "cuda"  # page-locked batches: the copies to the GPU can be asynchronous
+    if recipe.workers == 0:
+        return DataLoader(AugmentedImages(images, labels, transform), batch_size=recipe.batch_size,
+                          sampler=sampler, drop_last=drop_last, pin_memory=pin)
+    return DataLoader(
+        BatchSeededImages(images, labels, transform),
+        batch_sampler=SeededBatches(BatchSampler(sampler, recipe.batch_size, drop_last), shuffle),
+        num_workers=recipe.workers, persistent_workers=True, pin_memory=pin,
+        # The loader draws its workers' base seed whenever it makes an iterator (after a resume, at
+        # another epoch): from this generator, not the training RNG, which it would shift. The
+        # batches do not use the base seed: they are seeded by SeededBatches.
+        generator=torch.Generator().manual_seed(0),
+    )
+
+
+# torch's own float32 precision settings: what tf32 off restores. Read and set through the
+# fp32_precision API only: torch refuses to report a flag set through a mix of it and allow_tf32.
+_FP32_DEFAULTS = (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision)
+
+
+def set_tf32(on: bool) -> None:
+    """CUDA float32 matmuls and convolutions in TF32 when on. Off: torch's defaults, as found when
+    this module was imported (full float32 matmuls; convolutions in TF32, cuDNN's default in torch),
+    so the default recipes compute what they always did. No effect on the CPU."""
+    matmul, conv = ("tf32", "tf32") if on else _FP32_DEFAULTS
+    torch.backends.cuda.matmul.fp32_precision = matmul
+    torch.backends.cudnn.conv.fp32_precision = conv
+
+
+def autocast(device: torch.device, amp: bool) -> AbstractContextManager:
+    """bf16 autocast when ``amp`` (range of float32: no loss scaling needed), else nothing at all."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext()
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, images: Tensor, labels: Tensor, transform, batch_size: int,
-             device: torch.device) -> tuple[float, float]:
+             device: torch.device, amp: bool = False) -> tuple[float, float]:
     """Mean cross-entropy (no smoothing) and top-1 in percent on a held-out split."""
     model.eval()
     loss_sum, correct = 0.0, 0
     for start in range(0, len(labels), batch_size):
         x = transform(images[start:start + batch_size]).to(device, non_blocking=True)
         y = labels[start:start + batch_size].to(device, non_blocking=True)
-        logits = model(x)
+        with autocast(device, amp):
+            logits = model(x)
         loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
         correct += (logits.argmax(1) == y).sum().item()
     return loss_sum / len(labels), 100.0 * correct / len(labels)
@@ -281,6 +365,7 @@ def train_cell(
         torch.set_num_threads(threads)
     device = pick_device()
     set_determinism(recipe.deterministic)
+    set_tf32(recipe.tf32)
     if progress is None:
         progress = sys.stderr.isatty()
     log = lambda msg: print(msg, flush=True)  # noqa: E731
@@ -318,16 +403,13 @@ def train_cell(
     n_steps = steps_per_epoch(len(train_y), recipe)
     scheduler = build_scheduler(optimizer, recipe, n_steps)
     mixer = BatchMixer(recipe, data.num_classes)
-    train_set = AugmentedImages(
-        train_x, train_y, train_transform(recipe, data.mean, data.std, data.autoaugment, img_size)
-    )
     shuffle = torch.Generator().manual_seed(cell.seed)
-    # passes_per_epoch shuffled passes, each a fresh permutation, make one epoch
-    sampler = RandomSampler(train_set, num_samples=len(train_set) * recipe.passes_per_epoch,
-                            generator=shuffle)
-    loader = DataLoader(train_set, batch_size=recipe.batch_size, sampler=sampler,
-                        drop_last=len(train_set) * recipe.passes_per_epoch >= recipe.batch_size,
-                        pin_memory=device.type == "cuda")
+    loader = training_loader(train_x, train_y,
+                             train_transform(recipe, data.mean, data.std, data.autoaugment, img_size),
+                             recipe, shuffle, device)
+    # Training steps through the compiled model; evaluation, checkpoints and mask parameters use
+    # the model itself (the same parameters), so evaluation compiles nothing more.
+    step_model = torch.compile(model) if recipe.compile else model
     test_tf = eval_transform(data.mean, data.std)
 
     # ---- resume, only an unfinished run of this very cell and recipe
@@ -354,6 +436,8 @@ def train_cell(
         f"host {where['host']}" + (f", SLURM job {where['slurm_job_id']}" if where["slurm_job_id"] else "")
         + f"; torch {torch.__version__}, timm {timm.__version__}, source {source_hash()}, "
         f"data {fingerprint}, deterministic {recipe.deterministic}")
+    log(f"data workers {recipe.workers}, bf16 autocast {recipe.amp}, TF32 {recipe.tf32} (CUDA only), "
+        f"compiled {recipe.compile}")
 
     # ---- loop
     started = time.perf_counter()
@@ -367,7 +451,8 @@ def train_cell(
         for step, (x, y) in enumerate(bar):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             x, target = mixer(x, y)
-            loss = soft_cross_entropy(model(x), target, recipe.label_smoothing)
+            with autocast(device, recipe.amp):
+                loss = soft_cross_entropy(step_model(x), target, recipe.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if recipe.grad_clip:
@@ -387,9 +472,10 @@ def train_cell(
         loss_sum = loss_sum.item()
         epoch_seconds = time.perf_counter() - t0
         train_seconds += epoch_seconds
-        val_loss, val_top1 = (evaluate(model, val_x, val_y, test_tf, recipe.eval_batch_size, device)
-                              if on_validation else (None, None))
-        test_loss, top1 = evaluate(model, test_x, test_y, test_tf, recipe.eval_batch_size, device)
+        val_loss, val_top1 = (evaluate(model, val_x, val_y, test_tf, recipe.eval_batch_size, device,
+                                       recipe.amp) if on_validation else (None, None))
+        test_loss, top1 = evaluate(model, test_x, test_y, test_tf, recipe.eval_batch_size, device,
+                                   recipe.amp)
         row = {
             "epoch": epoch + 1,
             "train_loss": round(loss_sum / seen, 6),
@@ -466,4 +552,5 @@ def train_cell(
 
 
 __all__ = ["Cell", "TrainingDiverged", "train_cell", "evaluate", "pick_device", "select_epoch",
-           "did_not_learn", "read_checkpoint", "restore_checkpoint", "source_hash"]
+           "did_not_learn", "read_checkpoint", "restore_checkpoint", "source_hash", "training_loader",
+           "autocast", "set_tf32"]
