@@ -46,6 +46,7 @@ class Seen:
 def look(report: Path, screenshot: Path | None = None, timeout: float = 20.0) -> Seen:
     """Load the report, read its home page, open the tables page and every plot."""
     from selenium import webdriver
+    from selenium.common.exceptions import ElementClickInterceptedException
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
@@ -59,6 +60,13 @@ def look(report: Path, screenshot: Path | None = None, timeout: float = 20.0) ->
     driver = webdriver.Chrome(service=Service(shutil.which("chromedriver") or CHROMEDRIVER),
                               options=options)
     wait = WebDriverWait(driver, timeout)
+    # The page animates its menus (CSS transitions): a click can land while a row is still sliding
+    # in, on whatever is under the pointer then. Retry a reader's click until the element is hit.
+    patient = WebDriverWait(driver, timeout, ignored_exceptions=(ElementClickInterceptedException,))
+
+    def click(element) -> None:
+        patient.until(lambda _: element.click() is None)
+
     seen = Seen()
     try:
         category = "(//*[text()='{}'])[1]"
@@ -69,9 +77,9 @@ def look(report: Path, screenshot: Path | None = None, timeout: float = 20.0) ->
 
         def show(category_name: str, label: str) -> None:
             home()
-            driver.find_element(By.XPATH, category.format(category_name)).click()
+            click(driver.find_element(By.XPATH, category.format(category_name)))
             row = wait.until(ec.presence_of_element_located((By.XPATH, f"//td[text()='{label}']/..")))
-            row.find_element(By.CSS_SELECTOR, "[iconname='eye']").click()
+            click(row.find_element(By.CSS_SELECTOR, "[iconname='eye']"))
 
         home()
         seen.home_text = driver.find_element(By.TAG_NAME, "body").text
@@ -86,7 +94,7 @@ def look(report: Path, screenshot: Path | None = None, timeout: float = 20.0) ->
             driver.save_screenshot(str(screenshot))
 
         home()
-        driver.find_element(By.XPATH, category.format("Plots")).click()
+        click(driver.find_element(By.XPATH, category.format("Plots")))
         labels = [td.text for td in wait.until(ec.presence_of_all_elements_located(
             (By.XPATH, "//td[following-sibling::td//*[@iconname='eye']]")))]
         for label in labels:
