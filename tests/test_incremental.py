@@ -51,8 +51,9 @@ def touched(tmp_path_factory: pytest.TempPathFactory) -> Path:
         os.utime(source, (now - 1000, now - 1000))
     for model in MODELS:
         for mask in MASKS:
-            for output in (train_output(model, mask), train_output(model, mask).replace("metrics.json", "history.csv"),
-                           measure_output(model, mask)):
+            cell = train_output(model, mask)
+            for output in (cell, cell.replace("metrics.json", "history.csv"),
+                           cell.replace("metrics.json", "mask_params.pt"), measure_output(model, mask)):
                 (work / output).parent.mkdir(parents=True, exist_ok=True)
                 (work / output).touch()
                 os.utime(work / output, (now - 100, now - 100))

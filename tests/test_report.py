@@ -267,7 +267,7 @@ def test_header_has_the_provenance(tmp_path: Path) -> None:
     text = (out / "table.md").read_text()
     for expected in ("cpu (AVX512), 1 thread (2 cells)", "Hosts: node1", "SLURM: 2 jobs (4242, 4243)",
                      "torch 2.14.1; timm 1.0.31; CUDA none; cuDNN none; python 3.11.2; gmmvit 0.1.0",
-                     "Source hash: abc123", "Dataset fingerprints: digits fp-digits",
+                     "Source hashes (of the code each cell runs): 1 over 1 model x mask pair.", "Dataset fingerprints: digits fp-digits",
                      "Deterministic algorithms: yes (all cells)",
                      "digits: n_train 1132, n_val 125, n_test 540", "Training wall time 2.0 min"):
         assert expected in text, expected
@@ -278,10 +278,13 @@ def test_header_has_the_provenance(tmp_path: Path) -> None:
 def test_mixed_sources_and_machines_are_said_prominently(tmp_path: Path) -> None:
     out = digits_vit(tmp_path, {"none": [0, 1], "gmm": [0, 1]},
                      none1={"source_hash": "def456", "cpu_capability": "AVX2"},
-                     gmm1={"source_hash": "def456", "versions": {"torch": "2.13.0", "timm": "1.0.31"}})
+                     gmm1={"versions": {"torch": "2.13.0", "timm": "1.0.31"}})
     text = (out / "table.md").read_text()
     head = text.split("| Model")[0]
-    assert "⚠ mixed: cells come from 2 different source hashes: abc123 (2 cells); def456 (2 cells)." in head
+    # a cell's hash covers the code it runs: only cells of one model x mask must agree
+    assert ("⚠ mixed: cells come from 2 different versions of the vit none code (source hashes): "
+            "abc123 (1 cell); def456 (1 cell).") in head
+    assert "versions of the vit gmm code" not in head
     assert "⚠ mixed: cells come from 2 different CPU capabilities: AVX512 (3 cells); AVX2 (1 cell)." in head
     assert "2 different torch versions" in head
     # said before the rest of the provenance, right under the heading and selection
@@ -298,7 +301,7 @@ def test_older_records_load_and_say_their_provenance_is_incomplete(tmp_path: Pat
     assert "⚠ provenance incomplete: 4 of 4 cells come from records written by older code" in text
     assert "source_hash" in text.split("⚠ provenance incomplete")[1].split("\n")[0]
     assert "best test epoch" in text.splitlines()[0]
-    assert "Source hash: unknown" in text and "cpu (CPU capability unknown), 2 threads" in text
+    assert "Source hashes (of the code each cell runs): unknown" in text and "cpu (CPU capability unknown), 2 threads" in text
 
 
 # ---------------------------------------------------------------- plots

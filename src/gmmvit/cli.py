@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import pkgutil
 import sys
 from pathlib import Path
 
-# Modules of the registry packages that are not entries (models/common.py, masks/base.py); a test
-# holds the names below equal to gmmvit.models.model_names() and gmmvit.masks.mask_names().
-MODEL_HELPER_MODULES = frozenset({"common"})
-MASK_HELPER_MODULES = frozenset({"base"})
-NO_MASK = "none"
+# The registries' names without importing them (they import torch): `gmmvit <command> --help` must
+# answer in a fraction of the second or more that importing torch takes.
+from .registry import mask_names, model_names
 
 
 def _measure(args: argparse.Namespace) -> int:
@@ -87,24 +83,6 @@ def _mask_spec(text: str) -> str:
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
     return text
-
-
-def _entry_modules(package: str, helpers: frozenset[str]) -> list[str]:
-    """The entries of a registry package (gmmvit.models, gmmvit.masks) from its module files,
-    without importing it: the registries import torch, and `gmmvit <command> --help` must answer
-    in a fraction of the second or more that importing torch takes."""
-    spec = importlib.util.find_spec(f"{__package__}.{package}")  # imports gmmvit only, not the package
-    assert spec is not None and spec.submodule_search_locations is not None
-    return sorted(m.name for m in pkgutil.iter_modules(spec.submodule_search_locations)
-                  if not m.name.startswith("_") and m.name not in helpers)
-
-
-def model_names() -> list[str]:
-    return _entry_modules("models", MODEL_HELPER_MODULES)
-
-
-def mask_names() -> list[str]:
-    return [NO_MASK, *_entry_modules("masks", MASK_HELPER_MODULES)]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -468,7 +468,11 @@ def run_on_short(table: pd.DataFrame) -> str:
 
 def warnings(table: pd.DataFrame) -> list[str]:
     """What makes the cells' numbers not comparable or not fully traceable, said first."""
-    found = [_mixed(table["source_hash"], "source hashes"), _mixed(table["device"], "devices"),
+    # A cell's source hash covers the code it runs (its model's and mask family's modules and what
+    # they import), so different models and masks differ by design: compare within a model x mask.
+    found = [_mixed(group["source_hash"], f"versions of the {model} {mask} code (source hashes)")
+             for (model, mask), group in table.groupby(["model", "mask"], sort=False)]
+    found += [_mixed(table["device"], "devices"),
              _mixed(table["cpu_capability"], "CPU capabilities"), _mixed(table["threads"], "thread counts")]
     found += [_mixed(table[f"{k}_version"], f"{name} versions") for k, name in VERSIONS.items()]
     for dataset, group in table.groupby("dataset", sort=False):
@@ -558,7 +562,9 @@ def provenance(table: pd.DataFrame, grid: str | None) -> list[str]:
         "yes (all cells)" if all(deterministic) and len(deterministic) == len(table) else
         "no (no cell)" if not any(deterministic) and len(deterministic) == len(table) else
         f"⚠ mixed: {sum(map(bool, deterministic))} of {len(table)} cells")
-    lines.append(f"Source hash: {_unique(table['source_hash'])}. Dataset fingerprints: {fingerprints}. "
+    pairs, hashes = table.groupby(["model", "mask"]).ngroups, len(set(_known(table["source_hash"])))
+    counted = f"{hashes} over {pairs} model x mask pair{'s' * (pairs != 1)}" if hashes else "unknown"
+    lines.append(f"Source hashes (of the code each cell runs): {counted}. Dataset fingerprints: {fingerprints}. "
                  f"Deterministic algorithms: {determinism}.")
 
     def sizes(group: pd.DataFrame) -> str:

@@ -40,8 +40,9 @@ from tqdm import tqdm
 
 from . import __version__
 from .data import ImageDataset, load_dataset
-from .masks import LocalityMask, mask_options
+from .masks import LocalityMask, mask_options, parse_mask_spec
 from .models import build_model
+from .registry import cell_modules, code_files, code_hash
 from .splits import hold_out, stratified_indices
 from .recipe import (
     BatchMixer,
@@ -97,13 +98,11 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def source_hash() -> str:
-    """sha256 over the package's own source (relative paths and bytes): which code trained a cell."""
-    root = Path(__file__).resolve().parent
-    digest = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".csv", ".yaml") and p.is_file()):
-        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
-    return digest.hexdigest()[:16]
+def source_hash(model: str, mask: str) -> str:
+    """Which code trained a cell: a hash of the package files it runs, the same files the workflow
+    makes its inputs (gmmvit.registry), so that editing a model or a mask family changes the hash
+    of exactly the cells that run it, as it reruns exactly them."""
+    return code_hash(code_files(*cell_modules("train.py", model, parse_mask_spec(mask)[0])))
 
 
 def dataset_fingerprint(data: ImageDataset) -> str:
@@ -434,7 +433,7 @@ def train_cell(
         f"at {img_size}px, {recipe.epochs} epochs x {n_steps} steps")
     log(f"on {where['device']} (CPU capability {where['cpu_capability']}), {where['threads']} threads, "
         f"host {where['host']}" + (f", SLURM job {where['slurm_job_id']}" if where["slurm_job_id"] else "")
-        + f"; torch {torch.__version__}, timm {timm.__version__}, source {source_hash()}, "
+        + f"; torch {torch.__version__}, timm {timm.__version__}, source {source_hash(cell.model, cell.mask)}, "
         f"data {fingerprint}, deterministic {recipe.deterministic}")
     log(f"data workers {recipe.workers}, bf16 autocast {recipe.amp}, TF32 {recipe.tf32} (CUDA only), "
         f"compiled {recipe.compile}")
@@ -532,7 +531,7 @@ def train_cell(
         **where,
         "num_classes": data.num_classes, "img_size": img_size,
         "n_train": len(train_y), "n_val": len(val_y), "n_test": len(test_y),
-        "dataset_fingerprint": fingerprint, "source_hash": source_hash(),
+        "dataset_fingerprint": fingerprint, "source_hash": source_hash(cell.model, cell.mask),
         "deterministic": recipe.deterministic,
         "versions": {"torch": torch.__version__, "timm": timm.__version__, "gmmvit": __version__,
                      "python": platform.python_version(), "cuda": torch.version.cuda,

@@ -1,7 +1,5 @@
 # Config -> cells -> paths. Functions only (no rules), used by the rule files.
 
-import ast
-import functools
 import json
 import re
 from pathlib import Path
@@ -9,6 +7,8 @@ from typing import Any, NamedTuple
 
 import yaml
 from snakemake.utils import update_config
+
+from gmmvit.registry import cell_modules, code_files
 
 
 def typed_overrides(value: Any, depth: int = 0) -> Any:
@@ -327,75 +327,14 @@ def device_slots_argument() -> str:
     return results("device-slots") if train_resources().get("gpu", 0) > 0 else "none"
 
 
-def module_file(root: Path, parts: tuple[str, ...]) -> Path | None:
-    """The file of module gmmvit.<parts> under root: a package's __init__.py, else a module (Python's
-    order when both exist)."""
-    for candidate in [root.joinpath(*parts, "__init__.py")] + (
-            [root.joinpath(*parts).with_suffix(".py")] if parts else []):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def with_packages(root: Path, parts: tuple[str, ...]) -> set[str]:
-    """Module gmmvit.<parts> and the __init__.py of every package above it (Python runs those too)."""
-    files = (module_file(root, parts[:depth]) for depth in range(len(parts) + 1))
-    return {str(f) for f in files if f is not None}
-
-
-@functools.cache
-def imported_files(path: str, root: str) -> frozenset[str]:
-    """The package files one file imports, from any import statement in it (inside functions too)."""
-    top, file = Path(root), Path(path)
-    package = file.parent.relative_to(top).parts
-    found: set[str] = set()
-    for node in ast.walk(ast.parse(file.read_text(), filename=path)):
-        if isinstance(node, ast.Import):
-            for alias in node.names:
-                if alias.name.split(".")[0] == "gmmvit":
-                    found |= with_packages(top, tuple(alias.name.split(".")[1:]))
-            continue
-        if not isinstance(node, ast.ImportFrom):
-            continue
-        dotted = tuple(node.module.split(".")) if node.module else ()
-        if node.level:  # relative: from . / .. / .x import y
-            if node.level - 1 > len(package):
-                raise ValueError(f"{path}: a relative import goes above the gmmvit package")
-            target = package[: len(package) - node.level + 1] + dotted
-        elif dotted[:1] == ("gmmvit",):
-            target = dotted[1:]
-        else:
-            continue
-        found |= with_packages(top, target)
-        for alias in node.names:  # from .models import vit: a submodule
-            if module_file(top, target + (alias.name,)):
-                found |= with_packages(top, target + (alias.name,))
-    return frozenset(found)
-
-
-def code_inputs(*modules: str) -> list[str]:
-    """``modules`` (paths under the package, e.g. "train.py", "models/vit.py") and every package file
-    they import, directly or not."""
-    root = src_root()
-    todo: set[str] = set()
-    for name in modules:
-        if not (root / name).is_file():
-            raise ValueError(f"config src_dir: {root} has no {name} (is it the gmmvit package folder?)")
-        todo |= with_packages(root, Path(name).with_suffix("").parts)
-    seen: set[str] = set()
-    while todo:
-        path = todo.pop()
-        seen.add(path)
-        todo |= imported_files(path, str(root)) - seen
-    return sorted(seen)
-
-
 def cell_code(step: str, model: str, mask: str) -> list[str]:
     """The code a cell's job runs: its step's module (train.py, complexity.py), its model's module
-    and its mask family's module, with what they import; no other model's or family's."""
-    family = mask_family(mask)
-    modules = [step, f"models/{model}.py"] + ([f"masks/{family}.py"] if family != "none" else [])
-    return code_inputs(*modules)
+    and its mask family's module, with what they import; no other model's or family's (the same
+    files whose hash `gmmvit train` records)."""
+    try:
+        return code_files(*cell_modules(step, model, mask_family(mask)), root=src_root())
+    except ValueError as error:
+        raise ValueError(f"config src_dir: {error}") from None
 
 
 def train_inputs(wildcards) -> dict[str, Any]:

@@ -9,6 +9,8 @@ rule report:
         metrics=grid_files("metrics.json"),
         # report.py reads each history.csv beside its metrics.json (learning curves)
         histories=grid_files("history.csv"),
+        # ... and each mask_params.pt beside it (what the masks learned)
+        mask_params=grid_files("mask_params.pt"),
         measures=measure_files(),
         code=src_files("report.py"),
         reference=src_files("reference/paper_table.csv"),

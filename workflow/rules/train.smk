@@ -9,6 +9,7 @@ rule train:
     output:
         metrics=cell_path("metrics.json"),
         history=cell_path("history.csv"),
+        mask_params=cell_path("mask_params.pt"),  # the final mask parameters: the report's figures
     params:
         base=lambda wildcards: config["recipes"][wildcards.recipe]["base"],
         overrides=lambda wildcards: overrides_json(wildcards.recipe, wildcards.dataset),

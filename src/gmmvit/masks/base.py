@@ -17,16 +17,14 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import pkgutil
 import re
-from pathlib import Path
 from typing import Callable, Literal
 
 import torch
 from torch import Tensor, nn
 
-NO_MASK = "none"  # the unmasked baseline: a name of the registry without a module
-HELPER_MODULES = frozenset({"base"})  # modules of this package that are not families
+from ..registry import NO_MASK, family_names, mask_names
+
 SPEC_SYNTAX = "<family> or <family>-k<K>"
 _SPEC = re.compile(r"(?P<family>[a-z0-9_]+)(?:-k(?P<kernels>[1-9][0-9]*))?")
 
@@ -101,18 +99,6 @@ def register_mask(name: str) -> Callable[[type[LocalityMask]], type[LocalityMask
         return cls
 
     return add
-
-
-def family_names() -> list[str]:
-    """Every family, found by scanning this package's modules (nothing is imported)."""
-    folder = str(Path(__file__).parent)
-    return sorted(m.name for m in pkgutil.iter_modules([folder])
-                  if not m.name.startswith("_") and m.name not in HELPER_MODULES)
-
-
-def mask_names() -> list[str]:
-    """``none`` (the unmasked baseline), then every family."""
-    return [NO_MASK, *family_names()]
 
 
 def mask_class(name: str) -> type[LocalityMask] | None:

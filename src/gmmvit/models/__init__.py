@@ -12,15 +12,14 @@ layer owns its own parameters.
 from __future__ import annotations
 
 import importlib
-import pkgutil
 from typing import Callable
 
 from torch import nn
 
 from ..masks import build_mask, parse_mask_spec
+from ..registry import model_names
 
 ModelBuilder = Callable[..., nn.Module]
-HELPER_MODULES = frozenset({"common"})  # modules of this package that are not models
 _BUILDERS: dict[str, ModelBuilder] = {}  # filled as model modules are imported
 
 
@@ -38,12 +37,6 @@ def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
         return fn
 
     return add
-
-
-def model_names() -> list[str]:
-    """Every model, found by scanning this package's modules (nothing is imported)."""
-    return sorted(m.name for m in pkgutil.iter_modules(__path__)
-                  if not m.name.startswith("_") and m.name not in HELPER_MODULES)
 
 
 def model_builder(name: str) -> ModelBuilder:
