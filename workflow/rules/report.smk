@@ -54,8 +54,7 @@ rule report:
             )
             for plot in report_plots()
         ],
-        # what each masked model learned, rebuilt from its seed-0 cell's mask_params.pt (which
-        # train.py writes before metrics.json, so a metrics.json here means it is there)
+        # what each masked model learned, rebuilt from its seed-0 cell's mask_params.pt
         mask_figures=[
             report(
                 figure,
