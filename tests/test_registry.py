@@ -57,3 +57,13 @@ def test_the_recorded_hash_moves_with_the_code_a_cell_runs_only(tmp_path: Path) 
     after = hashes()
     changed = {cell for cell in before if before[cell] != after[cell]}
     assert changed == {("vit", "gmm"), ("swin", "gmm")}
+
+
+def test_the_workflow_parses_without_the_package_importable() -> None:
+    """With --software-deployment-method conda only the jobs' environment has gmmvit: snakemake's own
+    Python must plan the grid without it (the workflow loads registry.py by its path)."""
+    repo = ROOT.parents[1]
+    code = ("import sys; sys.modules['gmmvit'] = None; from snakemake.cli import main; "
+            "sys.argv = ['snakemake', '--dry-run', '--cores', '1', '--quiet']; sys.exit(main())")
+    run = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]

@@ -1,5 +1,6 @@
 # Config -> cells -> paths. Functions only (no rules), used by the rule files.
 
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -7,8 +8,6 @@ from typing import Any, NamedTuple
 
 import yaml
 from snakemake.utils import update_config
-
-from gmmvit.registry import cell_modules, code_files
 
 
 def typed_overrides(value: Any, depth: int = 0) -> Any:
@@ -327,12 +326,26 @@ def device_slots_argument() -> str:
     return results("device-slots") if train_resources().get("gpu", 0) > 0 else "none"
 
 
+def load_registry():
+    """The package's gmmvit/registry.py, loaded by its path: it needs only the standard library, so
+    parsing the workflow needs neither torch nor the package installed in snakemake's Python (with
+    --software-deployment-method conda, only the jobs' environment has it)."""
+    path = Path(workflow.basedir) / "src" / "gmmvit" / "registry.py"
+    spec = importlib.util.spec_from_file_location("gmmvit_registry_of_the_workflow", path)
+    loaded = importlib.util.module_from_spec(spec)  # not "module": a Snakemake keyword
+    spec.loader.exec_module(loaded)
+    return loaded
+
+
+registry = load_registry()
+
+
 def cell_code(step: str, model: str, mask: str) -> list[str]:
     """The code a cell's job runs: its step's module (train.py, complexity.py), its model's module
     and its mask family's module, with what they import; no other model's or family's (the same
     files whose hash `gmmvit train` records)."""
     try:
-        return code_files(*cell_modules(step, model, mask_family(mask)), root=src_root())
+        return registry.code_files(*registry.cell_modules(step, model, mask_family(mask)), root=src_root())
     except ValueError as error:
         raise ValueError(f"config src_dir: {error}") from None
 
