@@ -809,6 +809,12 @@ def test_folder_cache_is_used_when_current_and_rebuilt_when_not(tmp_path: Path,
     again = load()  # current: read back, nothing decoded, the very same arrays
     assert calls == [] and torch.equal(again.train_images, first.train_images)
     assert torch.equal(again.test_labels, first.test_labels) and again.classes == first.classes
+    # The fingerprint stored with the cache is the one the arrays hash to (not hashed again).
+    arrays = (again.train_images, again.train_labels, again.test_images, again.test_labels)
+    assert again.known_fingerprint == data.fingerprint_arrays(arrays) == first.fingerprint()
+    # Memory-mapped copy-on-write: a job may write into its tensors; the cache file does not change.
+    again.train_images[0] = 255
+    assert torch.equal(load().train_images, first.train_images) and calls == []
     load_dataset("folder", root=tree, img_size=8, progress=False)  # another size: its own cache
     assert calls == [4, 2] and (tree / data.CACHE_DIR / "8px" / "cache.json").is_file()
 
@@ -827,5 +833,15 @@ def test_folder_cache_is_used_when_current_and_rebuilt_when_not(tmp_path: Path,
     np.save(cache / "train_images.npy", np.zeros((5, 3, 4, 4), dtype=np.uint8))
     assert load().train_images.shape == (5, 3, 16, 16) and calls == [5, 2]
     calls.clear()
-    load()
+    expected = load().train_images.clone()  # a copy: the mapping would show the in-place rewrite
     assert calls == []
+    # Tampered: an array rewritten after the cache was (same shape, other pixels): its size and
+    # mtime no longer match cache.json, so it is rebuilt, and its fingerprint is never trusted.
+    np.save(cache / "train_images.npy", np.zeros((5, 3, 16, 16), dtype=np.uint8))
+    rebuilt = load()
+    assert calls == [5, 2] and torch.equal(rebuilt.train_images, expected)
+    calls.clear()  # a cache of the earlier format (no stats, no fingerprint): rebuilt once
+    meta = json.loads((cache / "cache.json").read_text())
+    (cache / "cache.json").write_text(json.dumps({"key": meta["key"], "format": 1}))
+    load()
+    assert calls == [5, 2] and json.loads((cache / "cache.json").read_text())["format"] == data.CACHE_FORMAT

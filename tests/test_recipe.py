@@ -50,6 +50,24 @@ def test_recipes_file_base_overrides_and_sets(tmp_path):
     assert isinstance(resolve_recipe("short", f).lr, float)  # YAML's 1 becomes 1.0
 
 
+def test_recipes_file_may_be_the_workflow_config():
+    """`gmmvit train --recipes config.yaml --recipe laptop` gives the recipe the workflow's cells get:
+    the description is prose, per_dataset applies to its dataset only."""
+    config = Path(__file__).parents[1] / "config.yaml"
+    laptop = resolve_recipe("laptop", config, dataset="cifar10")
+    assert (laptop.epochs, laptop.limit_train, laptop.val_fraction, laptop.mix_prob) == (16, 5000, 0.1, 0.0)
+    assert resolve_recipe("demo", config) == BUILTIN_RECIPES["demo"]
+
+
+def test_recipes_file_per_dataset_overrides_apply_to_their_dataset(tmp_path):
+    f = tmp_path / "recipes.yaml"
+    f.write_text("short:\n  base: paper\n  description: a few epochs\n  epochs: 7\n"
+                 "  per_dataset:\n    svhn: {epochs: 3}\n")
+    assert resolve_recipe("short", f, dataset="svhn").epochs == 3
+    assert resolve_recipe("short", f, dataset="cifar10").epochs == 7
+    assert resolve_recipe("short", f).epochs == 7
+
+
 def test_schedule_per_step_warmup_then_cosine():
     recipe = BUILTIN_RECIPES["paper"]
     model = torch.nn.Linear(2, 2)

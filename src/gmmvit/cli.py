@@ -42,7 +42,7 @@ def _train(args: argparse.Namespace) -> int:
     from .train import Cell, train_cell
 
     overrides = json.loads(args.overrides) if args.overrides else None
-    recipe = resolve_recipe(args.recipe, args.recipes, overrides, args.set)
+    recipe = resolve_recipe(args.recipe, args.recipes, overrides, args.set, dataset=args.dataset)
     kind = args.dataset_kind or args.dataset
     if kind not in dataset_names():
         raise ValueError(f"unknown dataset {kind!r}; valid names: {', '.join(dataset_names())}. "
@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask", default="none", type=_mask_spec, help=mask_help)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--recipe", default="demo", help="built-in (paper, demo, smoke) or a name in --recipes")
-    p.add_argument("--recipes", help="YAML file of named recipes: name: {base: <built-in>, key: value}")
+    p.add_argument("--recipes", help="YAML file of named recipes (name: {base: <built-in>, key: value}), "
+                   "or the workflow's config.yaml")
     p.add_argument("--overrides", help="JSON object of recipe keys")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one recipe key")
     p.add_argument("--recipe-name", help="the name recorded in metrics.json (default: --recipe)")

@@ -140,13 +140,23 @@ def resolve_recipe(
     recipes_file: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
     sets: list[str] | None = None,
+    dataset: str | None = None,
 ) -> Recipe:
-    """Built-in or file-defined recipe ``name``, then ``overrides``, then ``key=value`` sets."""
+    """Built-in or file-defined recipe ``name``, then ``overrides``, then ``key=value`` sets.
+
+    ``recipes_file``: YAML of ``name: {base: <built-in>, key: value, ...}``, or a workflow config
+    (config.yaml) whose ``recipes:`` section has that form. A recipe's ``description`` is prose,
+    and its ``per_dataset: {<dataset>: {key: value}}`` applies to ``dataset`` only, as in the workflow.
+    """
     defined: dict[str, dict] = {}
     if recipes_file is not None:
         defined = yaml.safe_load(Path(recipes_file).read_text()) or {}
+        if isinstance(defined.get("recipes"), dict) and "grids" in defined:  # a workflow config
+            defined = defined["recipes"]
     if name in defined:
         spec = dict(defined[name] or {})
+        spec.pop("description", None)
+        spec |= (spec.pop("per_dataset", None) or {}).get(dataset, {})
         base = spec.pop("base", name if name in BUILTIN_RECIPES else "paper")
         if base not in BUILTIN_RECIPES:
             raise ValueError(f"recipe {name!r}: unknown base {base!r}; built-in: {', '.join(BUILTIN_RECIPES)}")
