@@ -845,3 +845,43 @@ def test_folder_cache_is_used_when_current_and_rebuilt_when_not(tmp_path: Path,
     (cache / "cache.json").write_text(json.dumps({"key": meta["key"], "format": 1}))
     load()
     assert calls == [5, 2] and json.loads((cache / "cache.json").read_text())["format"] == data.CACHE_FORMAT
+
+
+def _prepare_cifar_or_svhn(name: str, root: Path, server: FileServer) -> tuple[Path, np.ndarray]:
+    """Prepare ``name`` from the test server; returns its folder and its training images (N, 3, 32, 32)."""
+    if name == "svhn":
+        train_mat, train_x = make_svhn_mat([10, 1, 3], seed=0)
+        server.add("/h/train_32x32.mat", train_mat)
+        server.add("/h/test_32x32.mat", make_svhn_mat([5], seed=1)[0])
+        return prepare_dataset("svhn", root=root, url=server.base + "/h/", progress=False), \
+            train_x.transpose(3, 2, 0, 1)
+    cifar = make_cifar10() if name == "cifar10" else make_cifar100()
+    url = server.add(f"/{name}.tar.gz", cifar.archive)
+    return prepare_dataset(name, root=root, url=url, progress=False), cifar.train_images
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100", "svhn"])
+def test_cifar_and_svhn_load_from_the_cache_prepare_writes(tmp_path: Path, server: FileServer,
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           name: str) -> None:
+    folder, train_images = _prepare_cifar_or_svhn(name, tmp_path, server)
+    assert (folder / data.CACHE_DIR / "32px" / "cache.json").is_file()
+    spec_type = type(DATASETS[name])
+    read = spec_type._read
+    reads: list[str] = []
+
+    def counting(self, *args):  # type: ignore[no-untyped-def]
+        reads.append(name)
+        return read(self, *args)
+
+    monkeypatch.setattr(spec_type, "_read", counting)
+    ds = load_dataset(name, root=tmp_path)  # from the cache: the source files are not read
+    assert reads == [] and torch.equal(ds.train_images, torch.from_numpy(train_images))
+    assert ds.known_fingerprint == data.fingerprint_arrays(
+        (ds.train_images, ds.train_labels, ds.test_images, ds.test_labels))
+    # A source file replaced (here: touched) makes the cache stale: read again, with the same data.
+    source = folder / DATASETS[name].expected_files()[0]
+    os.utime(source, ns=(1, 1))
+    again = load_dataset(name, root=tmp_path)
+    assert reads and torch.equal(again.train_images, ds.train_images)
+    assert again.fingerprint() == ds.fingerprint()

@@ -35,7 +35,7 @@ import urllib.parse
 import urllib.request
 import zipfile
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -623,39 +623,46 @@ def _load_tree(name: str, classes: Sequence[str], split: dict[str, list[Path]], 
 
 
 # --------------------------------------------------------------------------------------------
-# Decoded-once cache of image trees (Tiny-ImageNet, folders): decoding 100,000 JPEGs takes about a
-# minute; the cached arrays are memory-mapped, so a job starts at once and reads pages as it uses
-# them. The cache sits beside the originals in ``<tree>/.gmmvit-cache/<size>px/``: four .npy arrays
-# and ``cache.json``, written last, which holds the key of the tree it was made from (every image's
-# relative path, size and mtime, the image size and the format version), each array's size and
-# mtime, and the arrays' fingerprint. A partial cache (no cache.json), a stale one (images added,
-# removed or touched), a foreign one (another tree's key, arrays of the wrong shape) or one whose
-# arrays changed after it was written (size or mtime) is rebuilt, never used.
+# Decoded-once cache of every on-disk dataset: decoding Tiny-ImageNet's 100,000 JPEGs takes about a
+# minute, unpickling CIFAR's batches or reading SVHN's .mat files a second or two; the cached arrays
+# are memory-mapped, so a job starts at once and reads pages as it uses them. The cache sits beside
+# the originals in ``<folder>/.gmmvit-cache/<size>px/``: four .npy arrays and ``cache.json``, written
+# last, which holds the key of the source it was made from (every source file's relative path, size
+# and mtime, the image size and the format version), each array's size and mtime, and the arrays'
+# fingerprint. A partial cache (no cache.json), a stale one (files added, removed or touched), a
+# foreign one (another source's key, arrays of the wrong shape) or one whose arrays changed after
+# it was written (size or mtime) is rebuilt, never used. `prepare` writes it.
 
 CACHE_DIR = ".gmmvit-cache"
 CACHE_FORMAT = 2  # 2: memory-mapped, with the arrays' stats and fingerprint (1 is rebuilt)
 _CACHE_ARRAYS = ("train_images", "train_labels", "test_images", "test_labels")
 
 
+def _files_key(root: Path, groups: Sequence[Sequence[Path]], size: int, what: str) -> str:
+    """The cache key of source files (relative path, size, mtime), in groups (splits, classes)."""
+    digest = hashlib.sha256(f"format {CACHE_FORMAT}, {size}px, {what}".encode())
+    for group in groups:
+        digest.update(b"group")
+        for path in group:
+            stat = path.stat()
+            digest.update(f"{path.relative_to(root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
 def _tree_key(root: Path, classes: Sequence[str], splits: Sequence[dict[str, list[Path]]],
               size: int) -> str:
-    digest = hashlib.sha256(f"format {CACHE_FORMAT}, {size}px, classes {list(classes)}".encode())
-    for split in splits:
-        digest.update(b"split")
-        for cls in classes:
-            for path in split[cls]:
-                stat = path.stat()
-                digest.update(f"{path.relative_to(root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()
+    groups = [[path for cls in classes for path in split[cls]] for split in splits]
+    return _files_key(root, groups, size, f"classes {list(classes)}")
 
 
 def _array_stats(folder: Path) -> dict[str, list[int]]:
     return {name: [(st := (folder / f"{name}.npy").stat()).st_size, st.st_mtime_ns] for name in _CACHE_ARRAYS}
 
 
-def _read_cache(folder: Path, key: str, counts: Sequence[int], size: int
+def _read_cache(folder: Path, key: str, counts: Sequence[int] | None, size: int
                 ) -> tuple[tuple[torch.Tensor, ...], str] | None:
-    """The cached (train_x, train_y, test_x, test_y) and their fingerprint, or None: rebuild."""
+    """The cached (train_x, train_y, test_x, test_y) and their fingerprint, or None: rebuild.
+    ``counts``: the (train, test) sizes the source has, when known without decoding it."""
     try:
         meta = json.loads((folder / "cache.json").read_text())
         if meta.get("key") != key or meta.get("format") != CACHE_FORMAT:
@@ -667,7 +674,7 @@ def _read_cache(folder: Path, key: str, counts: Sequence[int], size: int
                   for name in _CACHE_ARRAYS]
     except (OSError, ValueError):  # absent, partial or unreadable: rebuild
         return None
-    n_train, n_test = counts
+    n_train, n_test = counts or (len(arrays[1]), len(arrays[3]))
     shapes = [(n_train, 3, size, size), (n_train,), (n_test, 3, size, size), (n_test,)]
     dtypes = [np.uint8, np.int64, np.uint8, np.int64]
     if any(a.shape != s or a.dtype != d for a, s, d in zip(arrays, shapes, dtypes)):
@@ -692,34 +699,43 @@ def _write_cache(folder: Path, key: str, tensors: Sequence[torch.Tensor]) -> Non
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _load_tree_cached(name: str, root: Path, classes: Sequence[str], train: dict[str, list[Path]],
-                      evaluation: dict[str, list[Path]], size: int, eval_desc: str, progress: bool
-                      ) -> tuple[tuple[torch.Tensor, ...], str | None]:
-    """Both splits of an image tree (train_x, train_y, test_x, test_y) and, from the cache, their
-    fingerprint: from its decoded cache when that is current, else decoded from the files (and
-    cached for the next job, if the tree's folder is writable)."""
+def _load_cached(root: Path, key: str, size: int, decode: Callable[[], tuple[torch.Tensor, ...]],
+                 counts: Sequence[int] | None = None, name: str = "") -> tuple[tuple[torch.Tensor, ...], str | None]:
+    """A dataset's (train_x, train_y, test_x, test_y) and, from the cache, their fingerprint: read
+    from ``root``'s decoded cache when it is current, else ``decode()``d from the source files (and
+    cached for the next job, if ``root`` is writable)."""
     folder = root / CACHE_DIR / f"{size}px"
-    key = _tree_key(root, classes, (train, evaluation), size)
-    counts = (sum(len(train[c]) for c in classes), sum(len(evaluation[c]) for c in classes))
     if (cached := _read_cache(folder, key, counts, size)) is not None:
         return cached
     with ExitStack() as stack:
-        try:  # one job decodes, concurrent jobs of the same tree wait and then read its cache
+        try:  # one job decodes, concurrent jobs of the same source wait and then read its cache
             (root / CACHE_DIR).mkdir(exist_ok=True)
             stack.enter_context(_exclusive(root / CACHE_DIR / f".{size}px.lock"))
             writable = True
-        except OSError:  # a read-only tree: decode every time
+        except OSError:  # a read-only source: decode every time
             writable = False
         if writable and (cached := _read_cache(folder, key, counts, size)) is not None:
             return cached
-        train_x, train_y = _load_tree(name, classes, train, size, "train", progress)
-        test_x, test_y = _load_tree(name, classes, evaluation, size, eval_desc, progress)
+        arrays = decode()
         if writable:
             try:
-                _write_cache(folder, key, (train_x, train_y, test_x, test_y))
+                _write_cache(folder, key, arrays)
             except OSError as err:
                 print(f"{name}: could not cache the decoded images in {folder}: {err}", file=sys.stderr)
-    return (train_x, train_y, test_x, test_y), None
+    return arrays, None
+
+
+def _load_tree_cached(name: str, root: Path, classes: Sequence[str], train: dict[str, list[Path]],
+                      evaluation: dict[str, list[Path]], size: int, eval_desc: str, progress: bool
+                      ) -> tuple[tuple[torch.Tensor, ...], str | None]:
+    """An image tree's arrays through the cache (:func:`_load_cached`)."""
+    def decode() -> tuple[torch.Tensor, ...]:
+        return (*_load_tree(name, classes, train, size, "train", progress),
+                *_load_tree(name, classes, evaluation, size, eval_desc, progress))
+
+    counts = (sum(len(train[c]) for c in classes), sum(len(evaluation[c]) for c in classes))
+    return _load_cached(root, _tree_key(root, classes, (train, evaluation), size), size, decode,
+                        counts, name)
 
 
 # --------------------------------------------------------------------------------------------
@@ -818,23 +834,32 @@ class CifarSpec(DatasetSpec):
 
         train_x, train_y = split(self.train_files)
         test_x, test_y = split([self.test_file])
-        names = tuple(str(n) for n in _read_pickle(folder / self.meta_file).get(self.names_key, ()))
-        if len(names) != self.num_classes:
-            raise DatasetError(f"{folder / self.meta_file}: expected {self.num_classes} class names "
-                               f"under {self.names_key!r}, found {len(names)}")
+        names = self._class_names(folder)
         for labels in (train_y, test_y):
             if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < self.num_classes:
                 raise DatasetError(f"{folder}: labels outside 0..{self.num_classes - 1}")
         return train_x, train_y, test_x, test_y, names
 
+    def _class_names(self, folder: Path) -> tuple[str, ...]:
+        names = tuple(str(n) for n in _read_pickle(folder / self.meta_file).get(self.names_key, ()))
+        if len(names) != self.num_classes:
+            raise DatasetError(f"{folder / self.meta_file}: expected {self.num_classes} class names "
+                               f"under {self.names_key!r}, found {len(names)}")
+        return names
+
     def load(self, root: Path, **options: Any) -> ImageDataset:
         _no_options(self.name, options)
         assert self.folder is not None
         self._require_files(root)
-        train_x, train_y, test_x, test_y, names = self._read(root / self.folder)
+        folder = root / self.folder
+        key = _files_key(folder, [[folder / f for f in self.expected_files()]], 32, self.name)
+        arrays, fingerprint = _load_cached(folder, key, 32, lambda: self._read(folder)[:4], name=self.name)
         assert self.mean is not None and self.std is not None
-        return ImageDataset(self.name, train_x, train_y, test_x, test_y, self.num_classes,
-                            self.mean, self.std, self.autoaugment, names)
+        return ImageDataset(self.name, *arrays, self.num_classes, self.mean, self.std,
+                            self.autoaugment, self._class_names(folder), known_fingerprint=fingerprint)
+
+    def warm_cache(self, root: Path, progress: bool) -> None:
+        self.load(root)  # writes the decoded cache the training jobs read
 
     def fetch(self, tmp: Path, source: str, official: bool, progress: bool) -> Path:
         assert self.folder is not None
@@ -892,10 +917,15 @@ class SvhnSpec(DatasetSpec):
         assert self.folder is not None and self.mean is not None and self.std is not None
         folder = root / self.folder
         self._require_files(root)
-        train_x, train_y = self._read(folder / self.files[0])
-        test_x, test_y = self._read(folder / self.files[1])
-        return ImageDataset(self.name, train_x, train_y, test_x, test_y, 10, self.mean, self.std,
-                            self.autoaugment, tuple(str(d) for d in range(10)))
+        key = _files_key(folder, [[folder / f for f in self.files]], 32, self.name)
+        arrays, fingerprint = _load_cached(
+            folder, key, 32, lambda: (*self._read(folder / self.files[0]), *self._read(folder / self.files[1])),
+            name=self.name)
+        return ImageDataset(self.name, *arrays, 10, self.mean, self.std, self.autoaugment,
+                            tuple(str(d) for d in range(10)), known_fingerprint=fingerprint)
+
+    def warm_cache(self, root: Path, progress: bool) -> None:
+        self.load(root)  # writes the decoded cache the training jobs read
 
     def fetch(self, tmp: Path, source: str, official: bool, progress: bool) -> Path:
         assert self.folder is not None
