@@ -4,15 +4,21 @@
     python benchmarks/speed.py --models vit --loop   # + the full training loop vs the model alone
     python benchmarks/data_path.py             # the data path: workers, augmentation, start-up
 
-Repeats are interleaved (model A, B, C, A, B, C, ...) and medians reported, because this machine is
-noisy: ratios from one run are what to compare. Train FLOPs ~ 6 x forward MACs per image (fvcore,
-attention products included).
+Each model x mask is timed in a process of its own, as a training job runs it: in one process the
+cells share one heap, and the large attention logits of one model change what the allocator does
+for the next (in-process runs gave GMM-PiT / PiT anywhere from 1.14 to 1.72 and GMM-CaiT / CaiT
+0.86). Repeats are interleaved (model A, B, C, A, B, C, ..., a fresh process each time) and medians
+reported, because this machine is noisy: ratios from one run are what to compare. Train FLOPs ~ 6 x
+forward MACs per image (fvcore, attention products included).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -80,37 +86,65 @@ def loop_images_per_s(batch: int, steps: int) -> float:
     return seen / (time.perf_counter() - t0)
 
 
+def time_in_own_process(model: str, mask: str, batch: int, steps: int, macs: bool) -> dict[str, float]:
+    """Median step seconds of ``model`` x ``mask`` over ``steps`` steps (after 2 warm-up steps) in a
+    fresh Python process, and its forward MACs per image when ``macs``."""
+    run = subprocess.run([sys.executable, __file__, "--child", model, mask, str(batch), str(steps),
+                          str(int(macs))], capture_output=True, text=True, check=False)
+    for line in run.stdout.splitlines():
+        if line.startswith("CHILD "):
+            return json.loads(line.removeprefix("CHILD "))
+    raise RuntimeError(f"timing {model} x {mask} failed:\n{run.stdout}\n{run.stderr}")
+
+
+def child(model_name: str, mask: str, batch: int, steps: int, macs: bool) -> None:
+    model, step = make_step(model_name, mask, batch, 32)
+    step()  # a second warm-up step: the first one after make_step's still allocates
+    seconds = statistics.median(step() for _ in range(steps))
+    result = {"seconds": seconds, "macs": macs_all_operators(model.eval(), 32) if macs else 0}
+    print("CHILD " + json.dumps(result), flush=True)
+
+
 def main() -> None:
+    if len(sys.argv) == 7 and sys.argv[1] == "--child":
+        model, mask, batch, steps, macs = sys.argv[2:]
+        return child(model, mask, int(batch), int(steps), bool(int(macs)))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["vit", "swin", "cait", "pit", "t2t"])
     parser.add_argument("--masks", nargs="+", default=["none", "gmm", "elm"])
     parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3, help="processes per model x mask, interleaved")
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per process (median taken)")
     parser.add_argument("--loop", action="store_true", help="also time the full ViT training loop")
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, 32x32")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
+          f"{torch.backends.cpu.get_cpu_capability()}, batch {args.batch}, 32x32; each model x mask "
+          f"in its own process, {args.repeats} interleaved processes x {args.steps} steps", flush=True)
 
-    steps = {(m, k): make_step(m, k, args.batch, 32) for m in args.models for k in args.masks}
-    times: dict = {key: [] for key in steps}
+    cells = [(m, k) for m in args.models for k in args.masks]
+    times: dict = {key: [] for key in cells}
+    macs: dict = {}
     mm: list[float] = []
-    for _ in range(args.repeats):  # interleaved, so drift hits every cell alike
+    for repeat in range(args.repeats):  # interleaved, so drift hits every cell alike
         mm.append(matmul_seconds())
-        for key, (_, step) in steps.items():
-            times[key].append(step())
+        for key in cells:
+            result = time_in_own_process(*key, args.batch, args.steps, macs=repeat == 0)
+            times[key].append(result["seconds"])
+            macs.setdefault(key, result["macs"])
     mm_rate = 2 * 2048**3 / statistics.median(mm)
     print(f"matmul 2048^2 float32: {mm_rate / 1e9:.1f} GFLOP/s (median of {args.repeats})\n")
-    print("| model | mask | step s | images/s | vs none | train GFLOP/s | of matmul |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | mask | step s | images/s | vs none | vs none, each repeat | train GFLOP/s | of matmul |")
+    print("|---|---|---|---|---|---|---|---|")
     for (m, k), ts in times.items():
         t = statistics.median(ts)
-        base = statistics.median(times[(m, args.masks[0])])
-        macs = macs_all_operators(steps[(m, k)][0].eval(), 32)
-        rate = 6 * macs * args.batch / t
-        print(f"| {m} | {k} | {t:.3f} | {args.batch / t:.1f} | {t / base:.2f} | {rate / 1e9:.1f} | "
-              f"{rate / mm_rate:.0%} |")
+        base_times = times[(m, args.masks[0])]
+        each = ", ".join(f"{a / b:.2f}" for a, b in zip(ts, base_times))
+        rate = 6 * macs[(m, k)] * args.batch / t
+        print(f"| {m} | {k} | {t:.3f} | {args.batch / t:.1f} | {t / statistics.median(base_times):.2f} | "
+              f"{each} | {rate / 1e9:.1f} | {rate / mm_rate:.0%} |")
     if args.loop:
         model_only = args.batch / statistics.median(times[("vit", "none")]) if ("vit", "none") in times else None
-        loop = loop_images_per_s(args.batch, steps=args.repeats)
+        loop = loop_images_per_s(args.batch, steps=args.repeats * args.steps)
         print(f"\nViT full training loop (paper augmentation + mixing): {loop:.1f} images/s"
               + (f" = {loop / model_only:.0%} of the model-only step" if model_only else ""))
 

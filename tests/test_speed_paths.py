@@ -294,3 +294,21 @@ def test_speed_keys_reach_the_record_and_the_log(tmp_path, capsys):
         {"workers": 1, "amp": False, "tf32": False, "compile": False}
     assert "data workers 1" in capsys.readouterr().out
     assert json.loads((tmp_path / "metrics.json").read_text())["recipe_config"]["workers"] == 1
+
+
+# ---------------------------------------------------------------- the committed benchmark
+
+
+def test_speed_benchmark_times_each_cell_in_its_own_process():
+    """benchmarks/speed.py runs end to end (tiny settings) and prints a row per model x mask with its
+    ratio to the unmasked model, measured in separate processes."""
+    script = Path(__file__).parents[1] / "benchmarks" / "speed.py"
+    run = subprocess.run([sys.executable, str(script), "--models", "vit", "--masks", "none", "elm",
+                          "--batch", "2", "--repeats", "1", "--steps", "1"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    rows = {tuple(cells[1:3]): cells for line in run.stdout.splitlines()
+            if (cells := [c.strip() for c in line.split("|")]) and len(cells) > 3 and cells[1] == "vit"}
+    assert set(rows) == {("vit", "none"), ("vit", "elm")}
+    assert rows[("vit", "none")][5] == "1.00" and float(rows[("vit", "elm")][5]) > 0
+    assert "each model x mask in its own process" in run.stdout
