@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gmmvit.data import CACHE_DIR
 from gmmvit.models import build_model
 from gmmvit.recipe import BUILTIN_RECIPES, BatchMixer, soft_cross_entropy, train_transform
 from gmmvit.train import AugmentedImages, training_loader
@@ -257,7 +258,7 @@ def measure_startup(workdir: Path, tiny_images: int, repeats: int, threads: int)
           f"({n_train:,} train + {n_val:,} val JPEGs) in {time.perf_counter() - t0:.0f} s", flush=True)
     common = ["--model", "vit", "--mask", "none", "--recipe", "paper", "--data-root", str(data_root),
               "--out", str(workdir / "cell")]
-    cifar, tiny = (data_root / folder / ".gmmvit-cache" for folder in ("cifar-10-batches-py", "tiny-imagenet-200"))
+    cifar, tiny = (data_root / folder / CACHE_DIR for folder in ("cifar-10-batches-py", "tiny-imagenet-200"))
     jobs = {  # a dropped cache: this run decodes every image (and writes the cache the next one reads)
         "digits": (["--dataset", "digits"], None),
         "cifar10 format, no cache": (["--dataset", "cifar10"], cifar),
