@@ -802,12 +802,22 @@ def test_folder_cache_is_used_when_current_and_rebuilt_when_not(tmp_path: Path,
         return decode(paths, *args, **kwargs)
 
     monkeypatch.setattr(data, "_decode_images", counting)
+    stats = data._channel_stats
+    passes: list[int] = []  # full passes over the training images to normalise them
+
+    def counting_stats(images):  # type: ignore[no-untyped-def]
+        passes.append(len(images))
+        return stats(images)
+
+    monkeypatch.setattr(data, "_channel_stats", counting_stats)
 
     def load() -> data.ImageDataset:
         return load_dataset("folder", root=tree, img_size=16, progress=False)
 
     again = load()  # current: read back, nothing decoded, the very same arrays
     assert calls == [] and torch.equal(again.train_images, first.train_images)
+    # The channel mean and std are stored with the cache, equal to a pass over the images.
+    assert passes == [] and (again.mean, again.std) == (first.mean, first.std) == stats(first.train_images)
     assert torch.equal(again.test_labels, first.test_labels) and again.classes == first.classes
     # The fingerprint stored with the cache is the one the arrays hash to (not hashed again).
     arrays = (again.train_images, again.train_labels, again.test_images, again.test_labels)
@@ -840,11 +850,21 @@ def test_folder_cache_is_used_when_current_and_rebuilt_when_not(tmp_path: Path,
     np.save(cache / "train_images.npy", np.zeros((5, 3, 16, 16), dtype=np.uint8))
     rebuilt = load()
     assert calls == [5, 2] and torch.equal(rebuilt.train_images, expected)
-    calls.clear()  # a cache of the earlier format (no stats, no fingerprint): rebuilt once
     meta = json.loads((cache / "cache.json").read_text())
-    (cache / "cache.json").write_text(json.dumps({"key": meta["key"], "format": 1}))
-    load()
-    assert calls == [5, 2] and json.loads((cache / "cache.json").read_text())["format"] == data.CACHE_FORMAT
+    assert meta["format"] == data.CACHE_FORMAT
+    earlier = [{"key": meta["key"], "format": 1},  # format 1: no stats, no fingerprint
+               {k: v for k, v in meta.items() if k not in ("mean", "std")} | {"format": 2}]
+    # The current format with one fact missing or malformed (a hand edit): never trusted either.
+    damaged = [{k: v for k, v in meta.items() if k != "fingerprint"}, meta | {"std": [0.5, 0.5]},
+               meta | {"mean": "0.5"}]
+    for broken in earlier + damaged:
+        calls.clear()
+        (cache / "cache.json").write_text(json.dumps(broken))
+        rebuilt = load()
+        assert calls == [5, 2], broken
+        assert json.loads((cache / "cache.json").read_text()) | {"arrays": None} == \
+            meta | {"arrays": None}  # the same key, facts and format as before (new files)
+        assert torch.equal(rebuilt.train_images, expected) and rebuilt.known_fingerprint == meta["fingerprint"]
 
 
 def _prepare_cifar_or_svhn(name: str, root: Path, server: FileServer) -> tuple[Path, np.ndarray]:

@@ -40,7 +40,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import torch
@@ -628,14 +628,38 @@ def _load_tree(name: str, classes: Sequence[str], split: dict[str, list[Path]], 
 # are memory-mapped, so a job starts at once and reads pages as it uses them. The cache sits beside
 # the originals in ``<folder>/.gmmvit-cache/<size>px/``: four .npy arrays and ``cache.json``, written
 # last, which holds the key of the source it was made from (every source file's relative path, size
-# and mtime, the image size and the format version), each array's size and mtime, and the arrays'
-# fingerprint. A partial cache (no cache.json), a stale one (files added, removed or touched), a
-# foreign one (another source's key, arrays of the wrong shape) or one whose arrays changed after
-# it was written (size or mtime) is rebuilt, never used. `prepare` writes it.
+# and mtime, the image size and the format version), each array's size and mtime, and what a job
+# would otherwise compute from the arrays at every start: their fingerprint and the training images'
+# per-channel mean and std (which the folder dataset normalises with). A partial cache (no
+# cache.json), a stale one (files added, removed or touched), a foreign one (another source's key,
+# arrays of the wrong shape), one whose arrays changed after it was written (size or mtime) or one
+# of an earlier format is rebuilt, never used. `prepare` writes it.
 
 CACHE_DIR = ".gmmvit-cache"
-CACHE_FORMAT = 2  # 2: memory-mapped, with the arrays' stats and fingerprint (1 is rebuilt)
+CACHE_FORMAT = 3  # 3: + channel mean and std; 2: memory-mapped, with fingerprint (1, 2 are rebuilt)
 _CACHE_ARRAYS = ("train_images", "train_labels", "test_images", "test_labels")
+
+
+class CacheFacts(NamedTuple):
+    """What the decoded cache stores about its arrays, so a job does not compute it again."""
+
+    fingerprint: str  # fingerprint_arrays of (train_x, train_y, test_x, test_y)
+    mean: tuple[float, float, float]  # the training images' channel mean and std (_channel_stats)
+    std: tuple[float, float, float]
+
+    @classmethod
+    def of(cls, tensors: Sequence[torch.Tensor]) -> CacheFacts:
+        return cls(fingerprint_arrays(tensors), *_channel_stats(tensors[0]))
+
+    @classmethod
+    def from_json(cls, meta: dict[str, Any]) -> CacheFacts | None:
+        """The facts in a cache.json, or None when any is missing or malformed (rebuild)."""
+        fingerprint, mean, std = meta.get("fingerprint"), meta.get("mean"), meta.get("std")
+        triples = [v for v in (mean, std) if isinstance(v, list) and len(v) == 3
+                   and all(isinstance(x, float) for x in v)]
+        if not isinstance(fingerprint, str) or len(triples) != 2:
+            return None
+        return cls(fingerprint, tuple(mean), tuple(std))  # type: ignore[arg-type]
 
 
 def _files_key(root: Path, groups: Sequence[Sequence[Path]], size: int, what: str) -> str:
@@ -656,16 +680,20 @@ def _tree_key(root: Path, classes: Sequence[str], splits: Sequence[dict[str, lis
 
 
 def _array_stats(folder: Path) -> dict[str, list[int]]:
-    return {name: [(st := (folder / f"{name}.npy").stat()).st_size, st.st_mtime_ns] for name in _CACHE_ARRAYS}
+    """Each cached array's file size and mtime."""
+    stats = {name: (folder / f"{name}.npy").stat() for name in _CACHE_ARRAYS}
+    return {name: [st.st_size, st.st_mtime_ns] for name, st in stats.items()}
 
 
 def _read_cache(folder: Path, key: str, counts: Sequence[int] | None, size: int
-                ) -> tuple[tuple[torch.Tensor, ...], str] | None:
-    """The cached (train_x, train_y, test_x, test_y) and their fingerprint, or None: rebuild.
+                ) -> tuple[tuple[torch.Tensor, ...], CacheFacts] | None:
+    """The cached (train_x, train_y, test_x, test_y) and their facts, or None: rebuild.
     ``counts``: the (train, test) sizes the source has, when known without decoding it."""
     try:
         meta = json.loads((folder / "cache.json").read_text())
         if meta.get("key") != key or meta.get("format") != CACHE_FORMAT:
+            return None
+        if (facts := CacheFacts.from_json(meta)) is None:
             return None
         if meta.get("arrays") != _array_stats(folder):  # an array rewritten after the cache was
             return None
@@ -679,10 +707,10 @@ def _read_cache(folder: Path, key: str, counts: Sequence[int] | None, size: int
     dtypes = [np.uint8, np.int64, np.uint8, np.int64]
     if any(a.shape != s or a.dtype != d for a, s, d in zip(arrays, shapes, dtypes)):
         return None
-    return tuple(torch.from_numpy(a) for a in arrays), meta["fingerprint"]
+    return tuple(torch.from_numpy(a) for a in arrays), facts
 
 
-def _write_cache(folder: Path, key: str, tensors: Sequence[torch.Tensor]) -> None:
+def _write_cache(folder: Path, key: str, tensors: Sequence[torch.Tensor], facts: CacheFacts) -> None:
     # Staged in a temporary folder and renamed: a reader sees a whole cache or none, and a job that
     # has the old arrays mapped keeps reading them (new files, never rewritten in place).
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -691,7 +719,7 @@ def _write_cache(folder: Path, key: str, tensors: Sequence[torch.Tensor]) -> Non
         for name, tensor in zip(_CACHE_ARRAYS, tensors):
             np.save(staging / f"{name}.npy", tensor.numpy())
         meta = {"key": key, "format": CACHE_FORMAT, "arrays": _array_stats(staging),
-                "fingerprint": fingerprint_arrays(tensors)}
+                **facts._asdict()}
         (staging / "cache.json").write_text(json.dumps(meta) + "\n")
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(staging, folder)
@@ -700,10 +728,11 @@ def _write_cache(folder: Path, key: str, tensors: Sequence[torch.Tensor]) -> Non
 
 
 def _load_cached(root: Path, key: str, size: int, decode: Callable[[], tuple[torch.Tensor, ...]],
-                 counts: Sequence[int] | None = None, name: str = "") -> tuple[tuple[torch.Tensor, ...], str | None]:
-    """A dataset's (train_x, train_y, test_x, test_y) and, from the cache, their fingerprint: read
-    from ``root``'s decoded cache when it is current, else ``decode()``d from the source files (and
-    cached for the next job, if ``root`` is writable)."""
+                 counts: Sequence[int] | None = None, name: str = ""
+                 ) -> tuple[tuple[torch.Tensor, ...], CacheFacts | None]:
+    """A dataset's (train_x, train_y, test_x, test_y) and their facts: read from ``root``'s decoded
+    cache when it is current, else ``decode()``d from the source files and cached for the next job
+    (facts None when ``root`` is read-only or the cache could not be written)."""
     folder = root / CACHE_DIR / f"{size}px"
     if (cached := _read_cache(folder, key, counts, size)) is not None:
         return cached
@@ -719,7 +748,9 @@ def _load_cached(root: Path, key: str, size: int, decode: Callable[[], tuple[tor
         arrays = decode()
         if writable:
             try:
-                _write_cache(folder, key, arrays)
+                facts = CacheFacts.of(arrays)
+                _write_cache(folder, key, arrays, facts)
+                return arrays, facts
             except OSError as err:
                 print(f"{name}: could not cache the decoded images in {folder}: {err}", file=sys.stderr)
     return arrays, None
@@ -727,7 +758,7 @@ def _load_cached(root: Path, key: str, size: int, decode: Callable[[], tuple[tor
 
 def _load_tree_cached(name: str, root: Path, classes: Sequence[str], train: dict[str, list[Path]],
                       evaluation: dict[str, list[Path]], size: int, eval_desc: str, progress: bool
-                      ) -> tuple[tuple[torch.Tensor, ...], str | None]:
+                      ) -> tuple[tuple[torch.Tensor, ...], CacheFacts | None]:
     """An image tree's arrays through the cache (:func:`_load_cached`)."""
     def decode() -> tuple[torch.Tensor, ...]:
         return (*_load_tree(name, classes, train, size, "train", progress),
@@ -853,10 +884,11 @@ class CifarSpec(DatasetSpec):
         self._require_files(root)
         folder = root / self.folder
         key = _files_key(folder, [[folder / f for f in self.expected_files()]], 32, self.name)
-        arrays, fingerprint = _load_cached(folder, key, 32, lambda: self._read(folder)[:4], name=self.name)
+        arrays, facts = _load_cached(folder, key, 32, lambda: self._read(folder)[:4], name=self.name)
         assert self.mean is not None and self.std is not None
         return ImageDataset(self.name, *arrays, self.num_classes, self.mean, self.std,
-                            self.autoaugment, self._class_names(folder), known_fingerprint=fingerprint)
+                            self.autoaugment, self._class_names(folder),
+                            known_fingerprint=facts.fingerprint if facts else None)
 
     def warm_cache(self, root: Path, progress: bool) -> None:
         self.load(root)  # writes the decoded cache the training jobs read
@@ -918,11 +950,13 @@ class SvhnSpec(DatasetSpec):
         folder = root / self.folder
         self._require_files(root)
         key = _files_key(folder, [[folder / f for f in self.files]], 32, self.name)
-        arrays, fingerprint = _load_cached(
-            folder, key, 32, lambda: (*self._read(folder / self.files[0]), *self._read(folder / self.files[1])),
-            name=self.name)
+        def decode() -> tuple[torch.Tensor, ...]:
+            return (*self._read(folder / self.files[0]), *self._read(folder / self.files[1]))
+
+        arrays, facts = _load_cached(folder, key, 32, decode, name=self.name)
         return ImageDataset(self.name, *arrays, 10, self.mean, self.std, self.autoaugment,
-                            tuple(str(d) for d in range(10)), known_fingerprint=fingerprint)
+                            tuple(str(d) for d in range(10)),
+                            known_fingerprint=facts.fingerprint if facts else None)
 
     def warm_cache(self, root: Path, progress: bool) -> None:
         self.load(root)  # writes the decoded cache the training jobs read
@@ -967,10 +1001,11 @@ class TinyImageNetSpec(DatasetSpec):
                                      problem="dataset not yet prepared in")
         train, val = _scan_tree(folder / "train", folder / "val")
         classes = tuple(train)
-        (train_x, train_y, test_x, test_y), fingerprint = _load_tree_cached(
+        (train_x, train_y, test_x, test_y), facts = _load_tree_cached(
             self.name, folder, classes, train, val, self.img_size, "val", progress)
         return ImageDataset(self.name, train_x, train_y, test_x, test_y, len(classes), self.mean,
-                            self.std, self.autoaugment, classes, known_fingerprint=fingerprint)
+                            self.std, self.autoaugment, classes,
+                            known_fingerprint=facts.fingerprint if facts else None)
 
     def fetch(self, tmp: Path, source: str, official: bool, progress: bool) -> Path:
         assert self.folder is not None
@@ -1046,11 +1081,14 @@ class FolderSpec(DatasetSpec):
         tree = Path(path) if path is not None else root
         train, evaluation = self.validate(tree)
         classes = tuple(train)
-        (train_x, train_y, test_x, test_y), fingerprint = _load_tree_cached(
+        (train_x, train_y, test_x, test_y), facts = _load_tree_cached(
             self.name, tree, classes, train, evaluation, img_size, "test", progress)
-        mean, std = _channel_stats(train_x)
+        # Normalised by its own training images' statistics (stored with the cache: a full pass over
+        # the images otherwise, seconds at Tiny-ImageNet's size, at every job's start).
+        mean, std = (facts.mean, facts.std) if facts else _channel_stats(train_x)
         return ImageDataset(self.name, train_x, train_y, test_x, test_y, len(classes), mean, std,
-                            self.autoaugment, classes, known_fingerprint=fingerprint)
+                            self.autoaugment, classes,
+                            known_fingerprint=facts.fingerprint if facts else None)
 
 
 def _no_options(name: str, options: Mapping[str, Any]) -> None:
