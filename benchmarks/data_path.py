@@ -175,7 +175,7 @@ def timed(name, fn):
     return run
 
 data.load_dataset = timed("load", data.load_dataset)  # the CLI imports it when it runs
-train.dataset_fingerprint = timed("fingerprint", train.dataset_fingerprint)
+data.ImageDataset.fingerprint = timed("fingerprint", data.ImageDataset.fingerprint)
 
 class FirstBatchStops(train.BatchMixer):
     def __call__(self, images, labels):

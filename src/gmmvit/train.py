@@ -104,11 +104,6 @@ def source_hash(model: str, mask: str) -> str:
     return code_hash(code_files(*cell_modules("train.py", model, parse_mask_spec(mask)[0])))
 
 
-def dataset_fingerprint(data: ImageDataset) -> str:
-    """Which data trained a cell: blake2b over the images and labels of both splits."""
-    return data.fingerprint()
-
-
 def set_determinism(on: bool) -> None:
     """Deterministic kernels where the device offers them; warn (never fail) where it does not."""
     if on:
@@ -366,7 +361,7 @@ def train_cell(
 
     # ---- data
     data = dataset or load_dataset(cell.dataset, root=data_root)
-    fingerprint = dataset_fingerprint(data)
+    fingerprint = data.fingerprint()  # which data trained the cell
     img_size = recipe.img_size or data.img_size
     train_x, train_y = data.train_images, data.train_labels
     test_x, test_y = data.test_images, data.test_labels
@@ -428,8 +423,8 @@ def train_cell(
         f"at {img_size}px, {recipe.epochs} epochs x {n_steps} steps")
     log(f"on {where['device']} (CPU capability {where['cpu_capability']}), {where['threads']} threads, "
         f"host {where['host']}" + (f", SLURM job {where['slurm_job_id']}" if where["slurm_job_id"] else "")
-        + f"; torch {torch.__version__}, timm {timm.__version__}, source {source_hash(cell.model, cell.mask)}, "
-        f"data {fingerprint}, deterministic {recipe.deterministic}")
+        + f"; torch {torch.__version__}, timm {timm.__version__}, "
+        f"source {source_hash(cell.model, cell.mask)}, data {fingerprint}, deterministic {recipe.deterministic}")
     log(f"data workers {recipe.workers}, bf16 autocast {recipe.amp}, TF32 {recipe.tf32} (CUDA only), "
         f"compiled {recipe.compile}")
 
