@@ -62,8 +62,9 @@ def test_recipes_file_may_be_the_workflow_config():
 def test_recipes_file_per_dataset_overrides_apply_to_their_dataset(tmp_path):
     f = tmp_path / "recipes.yaml"
     f.write_text("short:\n  base: paper\n  description: a few epochs\n  epochs: 7\n"
-                 "  per_dataset:\n    svhn: {epochs: 3}\n")
+                 "  per_dataset:\n    svhn: {epochs: 3}\n    cifar100:\n")  # cifar100: null, no keys
     assert resolve_recipe("short", f, dataset="svhn").epochs == 3
+    assert resolve_recipe("short", f, dataset="cifar100").epochs == 7
     assert resolve_recipe("short", f, dataset="cifar10").epochs == 7
     assert resolve_recipe("short", f).epochs == 7
 

@@ -20,6 +20,8 @@ from timm.scheduler import CosineLRScheduler
 from torch import Tensor, nn
 from torchvision.transforms import v2
 
+from .registry import recipe_keys
+
 
 @dataclass(frozen=True)
 class Recipe:
@@ -154,13 +156,12 @@ def resolve_recipe(
         if isinstance(defined.get("recipes"), dict) and "grids" in defined:  # a workflow config
             defined = defined["recipes"]
     if name in defined:
-        spec = dict(defined[name] or {})
-        spec.pop("description", None)
-        spec |= (spec.pop("per_dataset", None) or {}).get(dataset, {})
-        base = spec.pop("base", name if name in BUILTIN_RECIPES else "paper")
+        spec = defined[name] or {}
+        base = spec.get("base", name if name in BUILTIN_RECIPES else "paper")
         if base not in BUILTIN_RECIPES:
-            raise ValueError(f"recipe {name!r}: unknown base {base!r}; built-in: {', '.join(BUILTIN_RECIPES)}")
-        recipe = BUILTIN_RECIPES[base].replace(**spec)
+            raise ValueError(f"recipe {name!r}: unknown base {base!r}; "
+                             f"built-in: {', '.join(BUILTIN_RECIPES)}")
+        recipe = BUILTIN_RECIPES[base].replace(**recipe_keys(spec, dataset))
     elif name in BUILTIN_RECIPES:
         recipe = BUILTIN_RECIPES[name]
     else:

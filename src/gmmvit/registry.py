@@ -8,8 +8,10 @@
   changes the recorded hash of, exactly the cells that run it; adding a model or a family (a new
   module) touches no existing cell.
 
-Used by ``gmmvit.models``, ``gmmvit.masks``, the torch-free ``gmmvit`` command line and the
-workflow (workflow/rules/common.smk).
+- A config's recipe entry: which of its keys override the base recipe for one dataset.
+
+Used by ``gmmvit.models``, ``gmmvit.masks``, ``gmmvit.recipe``, the torch-free ``gmmvit`` command
+line and the workflow (workflow/rules/common.smk).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import functools
 import hashlib
 import pkgutil
 from pathlib import Path
+from typing import Any
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
 HELPER_MODULES = {"models": frozenset({"common"}), "masks": frozenset({"base"})}
@@ -121,3 +124,15 @@ def code_hash(files: list[str], root: Path = PACKAGE_ROOT) -> str:
     for path in sorted(Path(f).resolve() for f in files):
         digest.update(str(path.relative_to(root.resolve())).encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- a config's recipes
+
+
+def recipe_keys(spec: dict[str, Any] | None, dataset: str | None) -> dict[str, Any]:
+    """The recipe keys a config entry ``{base: <built-in>, description: ..., key: value, ...,
+    per_dataset: {<dataset>: {key: value}}}`` sets over its base: its own keys, then ``dataset``'s.
+    ``gmmvit train --recipes`` and the workflow both read an entry through this one function."""
+    spec = spec or {}
+    own = {k: v for k, v in spec.items() if k not in ("base", "description", "per_dataset")}
+    return own | ((spec.get("per_dataset") or {}).get(dataset) or {})

@@ -173,9 +173,7 @@ def grid_cells() -> list[Cell]:
 
 def recipe_overrides(recipe: str, dataset: str) -> dict[str, Any]:
     """The recipe keys a cell overrides on its base recipe: the recipe's own, then its dataset's."""
-    spec = config["recipes"][recipe]
-    keys = {k: v for k, v in spec.items() if k not in ("base", "description", "per_dataset")}
-    return keys | spec.get("per_dataset", {}).get(dataset, {})
+    return registry.recipe_keys(config["recipes"][recipe], dataset)  # as `gmmvit train --recipes` reads it
 
 
 def overrides_json(recipe: str, dataset: str) -> str:
