@@ -2,6 +2,7 @@
 
     python benchmarks/speed.py                 # all models x {none, gmm, elm}, batch 128, 32x32
     python benchmarks/speed.py --models vit --loop   # + the full training loop vs the model alone
+    python benchmarks/speed.py --compile       # each cell eager and under torch.compile (recipe key)
     python benchmarks/data_path.py             # the data path: workers, augmentation, start-up
 
 Each model x mask is timed in a process of its own, as a training job runs it: in one process the
@@ -35,25 +36,27 @@ def matmul_seconds(n: int = 2048) -> float:
     return time.perf_counter() - t0
 
 
-def make_step(model_name: str, mask: str, batch: int, img: int, amp: bool = False):
-    """A model-only training step on a fixed batch (no data path); ``amp``: under bf16 autocast."""
+def make_step(model_name: str, mask: str, batch: int, img: int, amp: bool = False, compile: bool = False):
+    """A model-only training step on a fixed batch (no data path); ``amp``: under bf16 autocast;
+    ``compile``: through ``torch.compile(model)``, as the recipe key ``compile`` trains."""
     from gmmvit.train import autocast
 
     torch.manual_seed(0)
     model = build_model(model_name, mask=mask, img_size=img, num_classes=10).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
     x, y = torch.randn(batch, 3, img, img), torch.randint(0, 10, (batch,))
+    forward = torch.compile(model) if compile else model
 
     def step() -> float:
         t0 = time.perf_counter()
         with autocast(torch.device("cpu"), amp):
-            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss = torch.nn.functional.cross_entropy(forward(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         return time.perf_counter() - t0
 
-    step()  # warm-up: allocator, first-call overheads
+    step()  # warm-up: allocator, first-call overheads (and the compiling)
     return model, step
 
 
@@ -86,19 +89,21 @@ def loop_images_per_s(batch: int, steps: int) -> float:
     return seen / (time.perf_counter() - t0)
 
 
-def time_in_own_process(model: str, mask: str, batch: int, steps: int, macs: bool) -> dict[str, float]:
-    """Median step seconds of ``model`` x ``mask`` over ``steps`` steps (after 2 warm-up steps) in a
-    fresh Python process, and its forward MACs per image when ``macs``."""
-    run = subprocess.run([sys.executable, __file__, "--child", model, mask, str(batch), str(steps),
+def time_in_own_process(model: str, mask: str, path: str, batch: int, steps: int,
+                        macs: bool) -> dict[str, float]:
+    """Median step seconds of ``model`` x ``mask`` on ``path`` (eager or compiled) over ``steps``
+    steps (after 2 warm-up steps) in a fresh Python process, and its forward MACs per image when
+    ``macs``."""
+    run = subprocess.run([sys.executable, __file__, "--child", model, mask, path, str(batch), str(steps),
                           str(int(macs))], capture_output=True, text=True, check=False)
     for line in run.stdout.splitlines():
         if line.startswith("CHILD "):
             return json.loads(line.removeprefix("CHILD "))
-    raise RuntimeError(f"timing {model} x {mask} failed:\n{run.stdout}\n{run.stderr}")
+    raise RuntimeError(f"timing {model} x {mask} ({path}) failed:\n{run.stdout}\n{run.stderr}")
 
 
-def child(model_name: str, mask: str, batch: int, steps: int, macs: bool) -> None:
-    model, step = make_step(model_name, mask, batch, 32)
+def child(model_name: str, mask: str, path: str, batch: int, steps: int, macs: bool) -> None:
+    model, step = make_step(model_name, mask, batch, 32, compile=path == "compiled")
     step()  # a second warm-up step: the first one after make_step's still allocates
     seconds = statistics.median(step() for _ in range(steps))
     result = {"seconds": seconds, "macs": macs_all_operators(model.eval(), 32) if macs else 0}
@@ -106,9 +111,9 @@ def child(model_name: str, mask: str, batch: int, steps: int, macs: bool) -> Non
 
 
 def main() -> None:
-    if len(sys.argv) == 7 and sys.argv[1] == "--child":
-        model, mask, batch, steps, macs = sys.argv[2:]
-        return child(model, mask, int(batch), int(steps), bool(int(macs)))
+    if len(sys.argv) == 8 and sys.argv[1] == "--child":
+        model, mask, path, batch, steps, macs = sys.argv[2:]
+        return child(model, mask, path, int(batch), int(steps), bool(int(macs)))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["vit", "swin", "cait", "pit", "t2t"])
     parser.add_argument("--masks", nargs="+", default=["none", "gmm", "elm"])
@@ -116,34 +121,41 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="processes per model x mask, interleaved")
     parser.add_argument("--steps", type=int, default=4, help="timed steps per process (median taken)")
     parser.add_argument("--loop", action="store_true", help="also time the full ViT training loop")
+    parser.add_argument("--compile", action="store_true",
+                        help="time every cell eager and compiled (torch.compile), interleaved")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}, batch {args.batch}, 32x32; each model x mask "
           f"in its own process, {args.repeats} interleaved processes x {args.steps} steps", flush=True)
 
-    cells = [(m, k) for m in args.models for k in args.masks]
+    paths = ["eager", "compiled"] if args.compile else ["eager"]
+    cells = [(m, k, path) for m in args.models for k in args.masks for path in paths]
     times: dict = {key: [] for key in cells}
     macs: dict = {}
     mm: list[float] = []
     for repeat in range(args.repeats):  # interleaved, so drift hits every cell alike
         mm.append(matmul_seconds())
         for key in cells:
-            result = time_in_own_process(*key, args.batch, args.steps, macs=repeat == 0)
+            result = time_in_own_process(*key, args.batch, args.steps, macs=repeat == 0 and key[2] == "eager")
             times[key].append(result["seconds"])
-            macs.setdefault(key, result["macs"])
+            if result["macs"]:
+                macs[key[:2]] = result["macs"]
     mm_rate = 2 * 2048**3 / statistics.median(mm)
     print(f"matmul 2048^2 float32: {mm_rate / 1e9:.1f} GFLOP/s (median of {args.repeats})\n")
-    print("| model | mask | step s | images/s | vs none | vs none, each repeat | train GFLOP/s | of matmul |")
-    print("|---|---|---|---|---|---|---|---|")
-    for (m, k), ts in times.items():
+    print("| model | mask | path | step s | images/s | vs none | vs none, each process | vs eager "
+          "| train GFLOP/s | of matmul |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for (m, k, path), ts in times.items():
         t = statistics.median(ts)
-        base_times = times[(m, args.masks[0])]
+        base_times = times[(m, args.masks[0], path)]  # the first mask listed (none) on the same path
         each = ", ".join(f"{a / b:.2f}" for a, b in zip(ts, base_times))
+        vs_eager = t / statistics.median(times[(m, k, "eager")])
         rate = 6 * macs[(m, k)] * args.batch / t
-        print(f"| {m} | {k} | {t:.3f} | {args.batch / t:.1f} | {t / statistics.median(base_times):.2f} | "
-              f"{each} | {rate / 1e9:.1f} | {rate / mm_rate:.0%} |")
+        print(f"| {m} | {k} | {path} | {t:.3f} | {args.batch / t:.1f} | "
+              f"{t / statistics.median(base_times):.2f} | {each} | {vs_eager:.2f} | {rate / 1e9:.1f} | "
+              f"{rate / mm_rate:.0%} |")
     if args.loop:
-        model_only = args.batch / statistics.median(times[("vit", "none")]) if ("vit", "none") in times else None
+        model_only = args.batch / statistics.median(times[("vit", "none", "eager")]) if ("vit", "none", "eager") in times else None
         loop = loop_images_per_s(args.batch, steps=args.repeats * args.steps)
         print(f"\nViT full training loop (paper augmentation + mixing): {loop:.1f} images/s"
               + (f" = {loop / model_only:.0%} of the model-only step" if model_only else ""))

@@ -300,15 +300,20 @@ def test_speed_keys_reach_the_record_and_the_log(tmp_path, capsys):
 
 
 def test_speed_benchmark_times_each_cell_in_its_own_process():
-    """benchmarks/speed.py runs end to end (tiny settings) and prints a row per model x mask with its
-    ratio to the unmasked model, measured in separate processes."""
+    """benchmarks/speed.py runs end to end (tiny settings) and prints a row per model x mask x path
+    (eager, compiled) with its ratio to the unmasked model on the same path and to the eager cell,
+    each measured in a separate process."""
     script = Path(__file__).parents[1] / "benchmarks" / "speed.py"
     run = subprocess.run([sys.executable, str(script), "--models", "vit", "--masks", "none", "elm",
-                          "--batch", "2", "--repeats", "1", "--steps", "1"],
-                         capture_output=True, text=True, timeout=600)
+                          "--compile", "--batch", "2", "--repeats", "1", "--steps", "1"],
+                         capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr
-    rows = {tuple(cells[1:3]): cells for line in run.stdout.splitlines()
+    rows = {tuple(cells[1:4]): cells for line in run.stdout.splitlines()
             if (cells := [c.strip() for c in line.split("|")]) and len(cells) > 3 and cells[1] == "vit"}
-    assert set(rows) == {("vit", "none"), ("vit", "elm")}
-    assert rows[("vit", "none")][5] == "1.00" and float(rows[("vit", "elm")][5]) > 0
+    assert set(rows) == {("vit", mask, path) for mask in ("none", "elm") for path in ("eager", "compiled")}
+    vs_none, vs_eager = 6, 8
+    for path in ("eager", "compiled"):
+        assert rows[("vit", "none", path)][vs_none] == "1.00" and float(rows[("vit", "elm", path)][vs_none]) > 0
+    assert rows[("vit", "elm", "eager")][vs_eager] == "1.00"
+    assert float(rows[("vit", "elm", "compiled")][vs_eager]) > 0
     assert "each model x mask in its own process" in run.stdout
