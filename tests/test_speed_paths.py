@@ -317,3 +317,10 @@ def test_speed_benchmark_times_each_cell_in_its_own_process():
     assert rows[("vit", "elm", "eager")][vs_eager] == "1.00"
     assert float(rows[("vit", "elm", "compiled")][vs_eager]) > 0
     assert "each model x mask in its own process" in run.stdout
+
+
+def test_speed_benchmark_refuses_a_device_torch_does_not_know():
+    script = Path(__file__).parents[1] / "benchmarks" / "speed.py"
+    run = subprocess.run([sys.executable, str(script), "--device", "gpu"], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 2 and "--device 'gpu'" in run.stderr and "Traceback" not in run.stderr
