@@ -176,7 +176,8 @@ def main() -> None:
               f"{t / statistics.median(base_times):.2f} | {each} | {vs_eager:.2f} | {rate / 1e9:.1f} | "
               f"{rate / mm_rate:.0%} |")
     if args.loop:
-        model_only = args.batch / statistics.median(times[("vit", "none", "eager")]) if ("vit", "none", "eager") in times else None
+        vit = times.get(("vit", "none", "eager"))
+        model_only = args.batch / statistics.median(vit) if vit else None
         loop = loop_images_per_s(args.batch, steps=args.repeats * args.steps)
         print(f"\nViT full training loop (paper augmentation + mixing): {loop:.1f} images/s"
               + (f" = {loop / model_only:.0%} of the model-only step" if model_only else ""))
