@@ -10,6 +10,11 @@ import pytest
 from slurm_cluster import ClusterUnavailable, SlurmCluster, start_cluster
 
 
+def in_ci() -> bool:
+    """CI=true (any case): tests that need a system tool fail there, instead of skipping."""
+    return os.environ.get("CI", "").strip().lower() == "true"
+
+
 @pytest.fixture(scope="session")
 def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
     """Started once, on first use; its daemons are stopped by pid when the session ends. Where SLURM
@@ -18,7 +23,7 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmClu
     try:
         cluster = start_cluster(tmp_path_factory.mktemp("slurm"))
     except ClusterUnavailable as why:
-        if os.environ.get("CI", "").lower() == "true":
+        if in_ci():
             pytest.fail(f"the SLURM test cluster did not start: {why}")
         pytest.skip(f"no SLURM test cluster: {why}")
     try:

@@ -742,7 +742,7 @@ def test_cli_train_decodes_a_named_folder_at_its_img_size(tmp_path: Path,
     monkeypatch.setattr(train, "train_cell", spy)
     assert cli.main(["train", "--dataset", "flowers", "--dataset-kind", "folder", "--dataset-path",
                      str(tree), "--img-size", "40", "--model", "vit", "--recipe", "smoke",
-                     "--out", str(tmp_path / "out")]) == 0
+                     "--numerics", "native", "--out", str(tmp_path / "out")]) == 0
     ds = given["dataset"]
     assert isinstance(ds, data.ImageDataset)
     assert ds.name == "flowers" and given["cell"].dataset == "flowers"  # type: ignore[attr-defined]
@@ -751,7 +751,7 @@ def test_cli_train_decodes_a_named_folder_at_its_img_size(tmp_path: Path,
 
     # a registered dataset still loads with no dataset options
     assert cli.main(["train", "--dataset", "digits", "--model", "vit", "--recipe", "smoke",
-                     "--out", str(tmp_path / "out2")]) == 0
+                     "--numerics", "native", "--out", str(tmp_path / "out2")]) == 0
     assert given["dataset"].name == "digits" and given["dataset"].img_size == 32  # type: ignore[attr-defined]
 
 

@@ -59,8 +59,12 @@ def write_cell(runs: Path, dataset: str, model: str, mask: str, seed: int, recip
             "slurm_node": None, "granted_cpus": None, "gpu_ids": None, "device_slot": None,
             "num_classes": 10, "img_size": 32, "n_train": 1132, "n_val": 125, "n_test": 540,
             "dataset_fingerprint": f"fp-{dataset}", "source_hash": "abc123", "deterministic": True,
+            "numerics": "portable", "mkl_branch": "COMPATIBLE", "weights_sha256": f"{seed:064d}",
+            "cpu": {"vendor": "AuthenticAMD", "model_name": "AMD EPYC 7B13", "family": 25, "model": 1,
+                    "stepping": 1, "flags": ["avx2", "avx512f"], "l2_kib": 512, "l3_kib": 32768},
+            "kernel_environment": {"MKL_CBWR": "COMPATIBLE", "ATEN_CPU_CAPABILITY": "avx2"},
         }
-        record["versions"] |= {"cuda": None, "cudnn": None}
+        record["versions"] |= {"cuda": None, "cudnn": None, "mkl": "2024.2", "onednn": "3.12.0"}
     record |= fields
     (out / "metrics.json").write_text(json.dumps(record))
     return out / "metrics.json"
@@ -280,15 +284,38 @@ def test_mixed_sources_and_machines_are_said_prominently(tmp_path: Path) -> None
                      none1={"source_hash": "def456", "cpu_capability": "AVX2"},
                      gmm1={"versions": {"torch": "2.13.0", "timm": "1.0.31"}})
     text = (out / "table.md").read_text()
-    head = text.split("| Model")[0]
+    # the file opens with its table; the warnings come right after it, before the provenance
+    assert text.index("| Model") < text.index("⚠ mixed") < text.index("Recipe:")
+    notes = text[text.rindex("|\n"):]
     # a cell's hash covers the code it runs: only cells of one model x mask must agree
     assert ("⚠ mixed: cells come from 2 different versions of the vit none code (source hashes): "
-            "abc123 (1 cell); def456 (1 cell).") in head
-    assert "versions of the vit gmm code" not in head
-    assert "⚠ mixed: cells come from 2 different CPU capabilities: AVX512 (3 cells); AVX2 (1 cell)." in head
-    assert "2 different torch versions" in head
-    # said before the rest of the provenance, right under the heading and selection
-    assert text.index("⚠ mixed") < text.index("Recipe:")
+            "abc123 (1 cell); def456 (1 cell).") in notes
+    assert "versions of the vit gmm code" not in notes
+    assert "⚠ mixed: cells come from 2 different CPU capabilities: AVX512 (3 cells); AVX2 (1 cell)." in notes
+    assert "2 different torch versions" in notes
+    assert "numerics settings" not in notes and "CPU models under native" not in notes
+
+
+def test_mixed_numerics_and_cpu_models_under_native_are_warned(tmp_path: Path) -> None:
+    intel = {"vendor": "GenuineIntel", "model_name": "Intel Xeon", "family": 6, "model": 143,
+             "stepping": 8, "flags": ["avx2"], "l2_kib": 2048, "l3_kib": 107520}
+    # portable cells on two CPU models: their bits do not depend on it, nothing to warn
+    out = digits_vit(tmp_path / "a", {"none": [0, 1], "gmm": [0, 1]}, none1={"cpu": intel})
+    text = (out / "table.md").read_text()
+    assert "⚠" not in text
+    assert ("Numerics: portable (4 cells) (MKL COMPATIBLE, ATen AVX2, oneDNN off, one thread, fused "
+            "AdamW: the same bits on any x86-64 CPU with AVX2") in text
+    assert ("CPU models: AMD EPYC 7B13 (AuthenticAMD family 25 model 1 stepping 1) (3 cells); "
+            "Intel Xeon (GenuineIntel family 6 model 143 stepping 8) (1 cell).") in text
+    # native cells on two CPU models, and a mix of numerics: both warned
+    out = digits_vit(tmp_path / "b", {"none": [0, 1], "gmm": [0, 1]},
+                     none0={"numerics": "native"}, none1={"numerics": "native", "cpu": intel})
+    text = (out / "table.md").read_text()
+    assert ("⚠ mixed: cells come from 2 different numerics settings (portable and native kernels give "
+            "other bits): native (2 cells); portable (2 cells).") in text
+    assert ("⚠ mixed: cells come from 2 different CPU models under native (or unknown) numerics, whose "
+            "kernels give other bits on each: AMD EPYC 7B13 (AuthenticAMD family 25 model 1 stepping 1) "
+            "(1 cell); Intel Xeon (GenuineIntel family 6 model 143 stepping 8) (1 cell).") in text
 
 
 def test_older_records_load_and_say_their_provenance_is_incomplete(tmp_path: Path) -> None:

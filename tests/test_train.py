@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from gmmvit.numerics import NumericsError, cpu_facts
 from gmmvit.train import source_hash
 
 GMMVIT = [sys.executable, "-m", "gmmvit.cli"]
@@ -60,8 +61,12 @@ def test_demo_cell_learns_digits(tmp_path):
     assert record["selected_top1"] == float(chosen["test_top1"])
     # provenance the report relies on
     assert record["device"] == "cpu" and record["threads"] == 1
-    assert record["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
-    assert set(record["versions"]) >= {"torch", "timm", "gmmvit", "cuda", "cudnn"}
+    # the default numerics are portable: ATen's AVX2 kernels and MKL's COMPATIBLE mode were in force
+    assert record["numerics"] == "portable" and record["cpu_capability"] == "AVX2"
+    assert record["mkl_branch"] == "COMPATIBLE" and record["kernel_environment"]["MKL_CBWR"] == "COMPATIBLE"
+    assert record["cpu"] == cpu_facts() and record["cpu"]["model_name"]
+    assert len(record["weights_sha256"]) == 64
+    assert set(record["versions"]) >= {"torch", "timm", "gmmvit", "cuda", "cudnn", "mkl", "onednn"}
     assert record["source_hash"] == source_hash("vit", "gmm") and len(record["dataset_fingerprint"]) == 16
     assert record["recipe_config"]["epochs"] == 2 and record["params"] == 2_693_122
     # a finished cell keeps its record and mask parameters, not its 60 MB checkpoint
@@ -295,3 +300,26 @@ def test_killed_run_with_two_workers_resumes_to_the_one_worker_numbers(tmp_path)
     b = json.loads((out / "metrics.json").read_text())
     assert a["recipe_config"].pop("workers") == 1 and b["recipe_config"].pop("workers") == 2
     assert comparable(a) == comparable(b)
+
+
+def test_portable_numerics_are_refused_where_they_cannot_be_had(tmp_path):
+    # more than one thread asked for: one line, exit 2, nothing trained
+    run = train(tmp_path / "threads", extra=["--threads", "2"])
+    assert run.returncode == 2 and "portable numerics trains on one thread" in run.stderr, run.stderr
+    assert "Traceback" not in run.stderr and not (tmp_path / "threads" / "history.csv").exists()
+    # through the Python API in a process whose torch loaded with the native kernels (this one)
+    from gmmvit.recipe import resolve_recipe
+    from gmmvit.train import Cell, train_cell
+
+    with pytest.raises(NumericsError, match="MKL_CBWR=COMPATIBLE"):
+        train_cell(Cell("digits", "vit", "none", 0, "smoke"), resolve_recipe("smoke"), tmp_path / "api",
+                   numerics="portable", progress=False)
+    assert not (tmp_path / "api" / "history.csv").exists()
+
+
+def test_native_numerics_keep_the_cpus_own_kernels(tmp_path):
+    run = train(tmp_path / "native", "epochs=1", extra=["--numerics", "native"])
+    assert run.returncode == 0, run.stdout + run.stderr
+    record = json.loads((tmp_path / "native" / "metrics.json").read_text())
+    assert record["numerics"] == "native" and record["mkl_branch"] != "COMPATIBLE"
+    assert record["cpu_capability"] == torch.backends.cpu.get_cpu_capability()

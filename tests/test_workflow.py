@@ -26,6 +26,8 @@ import pytest
 import yaml
 from PIL import Image
 
+from conftest import in_ci
+
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
@@ -421,7 +423,7 @@ def test_html_report_reads_as_a_reader_sees_it_in_chromium(built: Path, tmp_path
     import browser
 
     if reason := browser.missing():
-        if os.environ.get("CI") == "true":
+        if in_ci():
             pytest.fail(f"CI must open the HTML report: {reason}")
         pytest.skip(reason)
     report = tmp_path / "report.html"

@@ -29,6 +29,10 @@ def _measure(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from .numerics import apply_environment
+
+    # before torch loads: MKL and ATen read their kernel choice once, when loaded
+    apply_environment(args.numerics)
     if args.device_slots != "none":
         # first thing: the claim sets CUDA_VISIBLE_DEVICES, which CUDA reads once, when torch
         # initialises it (importing torch does not; the parser does not import it at all)
@@ -54,7 +58,7 @@ def _train(args: argparse.Namespace) -> int:
     data = load_dataset(kind, args.data_root, name=args.dataset, **options)
     cell = Cell(args.dataset, args.model, args.mask, args.seed, args.recipe_name or args.recipe)
     train_cell(cell, recipe, args.out, data_root=args.data_root, threads=args.threads, dataset=data,
-               keep_checkpoint=args.keep_checkpoint == "yes")
+               keep_checkpoint=args.keep_checkpoint == "yes", numerics=args.numerics)
     return 0
 
 
@@ -120,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the cell's output directory")
     p.add_argument("--data-root", default="data")
     p.add_argument("--threads", type=int, help="CPU threads (default: from the environment)")
+    p.add_argument("--numerics", choices=("portable", "native"), default="portable",
+                   help="CPU kernels: portable (default: the same bits on any x86-64 CPU with AVX2, "
+                   "one thread) or native (fastest; results tied to the CPU model)")
     p.add_argument("--keep-checkpoint", choices=("yes", "no"), default="no",
                    help="keep checkpoint.pt once the cell is done (default: remove it, ~60 MB)")
     p.add_argument("--device-slots", default="none", metavar="FOLDER",
@@ -135,8 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "or a local path of the archive (default: $GMMVIT_<NAME>_URL, then the official one)")
     p.set_defaults(func=_prepare)
 
-    # Listed for `gmmvit -h` only: main() hands `report` to gmmvit.report's own parser.
+    # Listed for `gmmvit -h` only: main() hands `report` and `verify` to their modules' own parsers.
     sub.add_parser("report", help="aggregate the cells into results/table.md and plots")
+    sub.add_parser("verify", help="re-train a results folder's cells and compare them to the digit")
     return parser
 
 
@@ -146,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
         from .report import main as report_main
 
         return report_main(argv[1:])
+    if argv[:1] == ["verify"]:
+        from .verify import main as verify_main
+
+        return verify_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
@@ -154,9 +166,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as err:  # noqa: BLE001 - users get one clear line, not a traceback
         from .data import DatasetError
+        from .numerics import NumericsError
         from .train import TrainingDiverged
 
-        if isinstance(err, (ValueError, TypeError, DatasetError, TrainingDiverged, FileNotFoundError)):
+        if isinstance(err, (ValueError, TypeError, DatasetError, TrainingDiverged, FileNotFoundError,
+                            NumericsError)):
             print(f"gmmvit {args.command}: error: {err}", file=sys.stderr)
             return 2 if not isinstance(err, TrainingDiverged) else 3
         raise

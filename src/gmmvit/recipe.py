@@ -260,8 +260,11 @@ class BatchMixer:
 # ---------------------------------------------------------------- optimisation
 
 
-def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+def build_optimizer(model: nn.Module, recipe: Recipe, fused: bool = False) -> torch.optim.Optimizer:
+    """AdamW; ``fused``: torch's single-kernel implementation (portable numerics: it avoids MKL's
+    vector square root, whose bits depend on the CPU; the default implementation stays for native)."""
+    return torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay,
+                             **({"fused": True} if fused else {}))
 
 
 def build_scheduler(

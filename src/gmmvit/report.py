@@ -9,6 +9,7 @@ of ``gmmvit measure``; every number in a table or plot is a function of those. W
   table_best.md   the best test epoch (the paper's figure), beside the paper's published numbers
   table_last.md   the last epoch
   table.csv       tidy: one row per cell, every field of its record, its measure, the paper's figure
+  history.csv     every epoch of every cell, keyed by cell (what `gmmvit verify` compares with)
   plots/          accuracy.png, paired_difference.png, learning_curves.png, vs_paper.png;
                   kernels.png (accuracy against K) when the cells include K variants (gmm-k3, ...);
                   masks/<model>-<mask>.png: what each masked model learned (seed 0, the first
@@ -67,7 +68,7 @@ MASK_FIGURES = "masks"  # plots/masks/<model>-<mask>.png, one per masked model x
 # A K variant's spec (gmmvit.masks.base's grammar); a family listed bare has the recipe's K.
 KERNEL_SPEC = re.compile(r"(?P<family>[a-z0-9_]+)-k(?P<kernels>[1-9][0-9]*)")
 DEFAULT_KERNELS = 5  # the built-in recipes' mask_kernels, for a record that does not say its own
-TABLES = ("table.md", "table_best.md", "table_last.md", "table.csv", "tables.html")
+TABLES = ("table.md", "table_best.md", "table_last.md", "table.csv", "tables.html", "history.csv")
 CONFIDENCE = 0.95
 # Fields of the flat record that older code did not write: a record lacking any of them has
 # incomplete provenance (the table's header says so, and which).
@@ -75,9 +76,11 @@ PROVENANCE = ("selection", "selected_epoch", "selected_top1", "val_top1", "val_f
               "not_learned_reason", "final_train_loss", "chance_top1", "cpu_capability", "host",
               "slurm_job_id", "slurm_node", "granted_cpus", "gpu_ids", "device_slot", "source_hash",
               "dataset_fingerprint", "deterministic", "num_classes", "img_size", "n_train", "n_val",
-              "n_test")
+              "n_test", "numerics", "cpu", "mkl_branch", "weights_sha256")
+# The CPU facts of a record (gmmvit.numerics.cpu_facts), flattened to cpu_<fact> columns.
+CPU_FACTS = ("vendor", "model_name", "family", "model", "stepping", "flags", "l2_kib", "l3_kib")
 VERSIONS = {"torch": "torch", "timm": "timm", "cuda": "CUDA", "cudnn": "cuDNN", "python": "python",
-            "gmmvit": "gmmvit"}
+            "gmmvit": "gmmvit", "mkl": "MKL", "onednn": "oneDNN"}
 NOT_LEARNED = "✗"
 NOT_LEARNED_NOTE = (f"{NOT_LEARNED}: did not learn (train loss stayed at ln C / top-1 near chance); "
                     "not used as a baseline, left out of every mean and difference.")
@@ -125,6 +128,10 @@ def load_records(metrics_files: Sequence[Path]) -> pd.DataFrame:
             [f"versions.{k}" for k in VERSIONS if k not in versions]
         # a null version is a fact (a CPU build has no CUDA), a missing one is unknown
         row = record | {f"{k}_version": "none" if v is None else v for k, v in versions.items()}
+        cpu = row.pop("cpu", None) or {}
+        row |= {f"cpu_{k}": (" ".join(cpu[k]) if k == "flags" else cpu[k]) for k in CPU_FACTS if k in cpu}
+        if "kernel_environment" in row:  # one column: the variables set, as JSON
+            row["kernel_environment"] = json.dumps(row["kernel_environment"], sort_keys=True)
         if "selected_top1" not in record:  # older code kept the best test epoch only
             row |= {"selection": "test", "selected_top1": record.get("best_top1"),
                     "selected_epoch": record.get("best_epoch")}
@@ -134,7 +141,8 @@ def load_records(metrics_files: Sequence[Path]) -> pd.DataFrame:
     if not rows:
         raise ValueError("no metrics.json records to report")
     cells = pd.DataFrame(rows)
-    for column in [*PROVENANCE, *(f"{k}_version" for k in VERSIONS), "device", "threads",
+    for column in [*(k for k in PROVENANCE if k != "cpu"), *(f"cpu_{k}" for k in CPU_FACTS),
+                   *(f"{k}_version" for k in VERSIONS), "device", "threads", "kernel_environment",
                    "wall_time_s", "train_images_per_s", "best_top1", "best_epoch", "last_top1"]:
         if column not in cells:
             cells[column] = None
@@ -461,6 +469,37 @@ def _run_on(cells: pd.DataFrame) -> pd.Series:
     return cells.apply(one, axis=1)
 
 
+def cpu_labels(cells: pd.DataFrame) -> pd.Series:
+    """Per cell: "AMD EPYC-Rome Processor (AuthenticAMD family 23 model 49 stepping 0)", None if
+    the record names no CPU model (older code)."""
+    def one(cell: pd.Series) -> str | None:
+        if pd.isna(cell.get("cpu_model_name")) and pd.isna(cell.get("cpu_vendor")):
+            return None
+        name = cell["cpu_model_name"] if pd.notna(cell["cpu_model_name"]) else "unnamed CPU"
+        if pd.isna(cell.get("cpu_family")):
+            return str(name)
+        return (f"{name} ({cell['cpu_vendor']} family {int(cell['cpu_family'])} model "
+                f"{int(cell['cpu_model'])} stepping {int(cell['cpu_stepping'])})")
+    return cells.apply(one, axis=1) if len(cells) else pd.Series(dtype=object)
+
+
+def numerics_line(table: pd.DataFrame) -> str:
+    """Which kernels computed the cells, and on which CPU models."""
+    counted = _counted(table["numerics"])
+    unknown = int(table["numerics"].isna().sum())
+    kinds = "; ".join(f"{v} ({_cells(n)})" for v, n in counted) or "unknown"
+    line = f"Numerics: {kinds}" + (f"; unknown for {_cells(unknown)} (older records)" if counted and unknown else "")
+    if counted and all(v == "portable" for v, _ in counted):
+        line += (" (MKL COMPATIBLE, ATen AVX2, oneDNN off, one thread, fused AdamW: the same bits on any "
+                 "x86-64 CPU with AVX2; `gmmvit verify` checks it)")
+    elif any(v == "native" for v, _ in counted):
+        line += " (native: the numbers are tied to the CPU model)"
+    models = _counted(cpu_labels(table))
+    line += ". CPU models: " + ("; ".join(f"{v} ({_cells(n)})" for v, n in models) if models else
+                                "unknown (older records)") + "."
+    return line
+
+
 def run_on_short(table: pd.DataFrame) -> str:
     counted = _counted(_run_on(table))
     return counted[0][0] if len(counted) == 1 else "⚠ mixed: " + "; ".join(v for v, _ in counted)
@@ -475,6 +514,11 @@ def warnings(table: pd.DataFrame) -> list[str]:
     found += [_mixed(table["device"], "devices"),
              _mixed(table["cpu_capability"], "CPU capabilities"), _mixed(table["threads"], "thread counts")]
     found += [_mixed(table[f"{k}_version"], f"{name} versions") for k, name in VERSIONS.items()]
+    found.append(_mixed(table["numerics"], "numerics settings (portable and native kernels give other bits)"))
+    # portable cells' bits do not depend on the CPU; native (or unknown) ones' do
+    tied = table["numerics"] != "portable"
+    found.append(_mixed(cpu_labels(table[tied]), "CPU models under native (or unknown) numerics, whose "
+                        "kernels give other bits on each"))
     for dataset, group in table.groupby("dataset", sort=False):
         found.append(_mixed(group["dataset_fingerprint"], f"{dataset} data (dataset fingerprints)"))
     incomplete = table[table["missing_fields"] != ""]
@@ -553,6 +597,7 @@ def provenance(table: pd.DataFrame, grid: str | None) -> list[str]:
     lines.append(recipe_line + ".")
     run_on = "; ".join(f"{v} ({n} cell{'s' * (n != 1)})" for v, n in _counted(_run_on(table)))
     lines.append(f"Run on: {run_on}. Hosts: {_unique(table['host'])}. {scheduler(table)}")
+    lines.append(numerics_line(table))
     lines.append("Versions: " + "; ".join(f"{name} {_unique(table[f'{k}_version'])}"
                                           for k, name in VERSIONS.items()) + ".")
     fingerprints = "; ".join(f"{d} {_unique(g)}" for d, g in table["dataset_fingerprint"].groupby(
@@ -593,9 +638,9 @@ def legend(measures: pd.DataFrame, with_paper: bool) -> str:
 
 
 def write_tables(table: pd.DataFrame, measures: pd.DataFrame, reference: pd.DataFrame,
-                 out_dir: Path, grid: str | None) -> None:
+                 out_dir: Path, grid: str | None, histories: pd.DataFrame) -> None:
     title, selected, _ = selection(table)
-    head = warnings(table) + provenance(table, grid)
+    warned, described = warnings(table), provenance(table, grid)
     paper_note = (f"(paper) columns: the GMM paper's published best-epoch top-1 ({PAPER_SOURCE} in "
                   "gmmvit/reference/paper_table.csv), one run each: no difference is claimed from them.")
     flagged = bool((~usable(table)).any())
@@ -604,11 +649,11 @@ def write_tables(table: pd.DataFrame, measures: pd.DataFrame, reference: pd.Data
 
     def page(heading: str, first: str, frame: pd.DataFrame, with_paper: bool, note: str = "") -> str:
         has_paper = any(c.endswith("(paper)") for c in frame.columns)
-        prose = [first, *head, legend(measures, with_paper and has_paper)]
-        prose += [paper_note] * has_paper + [note] * bool(note)
-        after = [NOT_LEARNED_NOTE] * flagged
-        html_sections.append(_html_section(heading, prose, frame, after))
-        return "\n\n".join([f"# {heading}", *prose, _markdown(frame), *after]) + "\n"
+        # the table first, then what it needs to be read: the flags, the legend, the provenance
+        after = warned + [NOT_LEARNED_NOTE] * flagged + [legend(measures, with_paper and has_paper)]
+        after += [paper_note] * has_paper + [note] * bool(note) + described
+        html_sections.append(_html_section(heading, [first], frame, after))
+        return "\n\n".join([f"# {heading}", first, _markdown(frame), *after]) + "\n"
 
     (out_dir / "table.md").write_text(page(
         title, selected + (" This is the paper's own selection: table_best.md shows it beside the paper's "
@@ -627,6 +672,8 @@ def write_tables(table: pd.DataFrame, measures: pd.DataFrame, reference: pd.Data
         results_frame(table, measures, reference, "last_top1", with_paper=False), with_paper=False,
         note="The paper reports the best epoch only, so no paper figures here."))
     table.to_csv(out_dir / "table.csv", index=False)
+    # every epoch of every cell, keyed by cell: what `gmmvit verify` compares a re-trained cell with
+    histories.to_csv(out_dir / "history.csv", index=False)
     # The same three tables as one HTML page: what `snakemake --report` shows inline (it offers
     # markdown only as a download).
     (out_dir / "tables.html").write_text(
@@ -1158,8 +1205,9 @@ def report(runs: Sequence[str | Path], out_dir: str | Path, measures: Sequence[s
     measured = load_measures(find_files(measures, "*.json"))
     ref = load_reference(reference)
     table = cell_table(cells, measured, ref)
-    write_tables(table, measured, ref, out, grid)
-    write_plots(table, load_histories(cells), out)
+    histories = load_histories(cells)
+    write_tables(table, measured, ref, out, grid, histories)
+    write_plots(table, histories, out)
     if has_kernel_variants(table["mask"]):
         write_kernels_plot(table, out / "plots" / f"{KERNELS_PLOT}.png")
     write_mask_figures(table, out / "plots")

@@ -17,6 +17,7 @@ versions, device, CPU capability, threads, host, SLURM job.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
@@ -37,7 +38,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, S
 from torchvision.transforms.v2.functional import resize
 from tqdm import tqdm
 
-from . import __version__
+from . import __version__, numerics as numerics_mod
 from .data import ImageDataset, load_dataset
 from .masks import LocalityMask, mask_options, parse_mask_spec
 from .models import build_model
@@ -323,6 +324,17 @@ def select_epoch(history: list[dict], on_validation: bool) -> dict:
     return max(history, key=lambda h: (h["test_top1"], -h["epoch"]))
 
 
+def weights_sha256(model: nn.Module) -> str:
+    """sha256 over the final state's names, dtypes, shapes and bytes: what `gmmvit verify` compares,
+    since a history's six printed digits hide most differences."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
 def mask_parameters(model: nn.Module) -> dict[str, Tensor]:
     return {
         f"{name}.{p_name}": p.detach().cpu().clone()
@@ -343,16 +355,24 @@ def train_cell(
     progress: bool | None = None,
     dataset: ImageDataset | None = None,
     keep_checkpoint: bool = False,
+    numerics: str = "native",
+    model_overrides: dict | None = None,
 ) -> dict:
     """Train one cell, resuming from ``out_dir/checkpoint.pt`` if present; return its record.
-    Once the record is written the checkpoint is removed, unless ``keep_checkpoint``."""
+    Once the record is written the checkpoint is removed, unless ``keep_checkpoint``.
+
+    ``numerics``: ``portable`` (the CPU kernels whose bits any x86-64 CPU with AVX2 reproduces;
+    their environment must have been set before torch loaded, as ``gmmvit train`` does) or
+    ``native`` (gmmvit.numerics). ``model_overrides`` go to the model's builder (tests: a tiny model)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").unlink(missing_ok=True)  # a record exists only for a finished run
-    threads = threads or threads_from_environment()
-    if threads:
-        torch.set_num_threads(threads)
     device = pick_device()
+    # refuses a portable cell it cannot give (and an explicit thread count above one for it)
+    numerics_mod.configure(numerics, device.type, threads)
+    threads = threads or threads_from_environment()
+    if threads and not (numerics == "portable" and device.type == "cpu"):  # portable: one, set above
+        torch.set_num_threads(threads)
     set_determinism(recipe.deterministic)
     set_tf32(recipe.tf32)
     if progress is None:
@@ -386,9 +406,11 @@ def train_cell(
     # The cell's mask spec sets its K (gmm-k3); a family with a K and none in the spec takes the recipe's.
     mask_kwargs = mask_options(cell.mask, default_kernels=recipe.mask_kernels)
     model = build_model(cell.model, mask=cell.mask, img_size=img_size, num_classes=data.num_classes,
-                        mask_kwargs=mask_kwargs, drop_path_rate=recipe.drop_path).to(device)
+                        mask_kwargs=mask_kwargs, drop_path_rate=recipe.drop_path,
+                        **(model_overrides or {})).to(device)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    optimizer = build_optimizer(model, recipe)
+    # portable: the fused AdamW (the default one takes MKL's square root, whose bits vary by CPU)
+    optimizer = build_optimizer(model, recipe, fused=numerics == "portable" and device.type == "cpu")
     n_steps = steps_per_epoch(len(train_y), recipe)
     scheduler = build_scheduler(optimizer, recipe, n_steps)
     mixer = BatchMixer(recipe, data.num_classes)
@@ -402,7 +424,7 @@ def train_cell(
     test_tf = eval_transform(data.mean, data.std)
 
     # ---- resume, only an unfinished run of this very cell and recipe
-    cell_id = [cell.dataset, cell.model, cell.mask, cell.seed]
+    cell_id = [cell.dataset, cell.model, cell.mask, cell.seed, numerics, model_overrides or {}]
     start_epoch, history, wall_before = 0, [], 0.0
     ckpt_path = out / "checkpoint.pt"
     state = read_checkpoint(ckpt_path)
@@ -418,12 +440,14 @@ def train_cell(
         log(f"resuming {out} from its checkpoint after epoch {start_epoch}")
 
     where = run_environment(device)
+    kernels = numerics_mod.provenance(numerics)
     log(f"cell {cell.dataset}/{cell.model}-{cell.mask}/seed{cell.seed} recipe {cell.recipe_name}: "
         f"{n_params:,} parameters, {len(train_y)} train / {len(val_y)} val / {len(test_y)} test images "
         f"at {img_size}px, {recipe.epochs} epochs x {n_steps} steps")
     log(f"on {where['device']} (CPU capability {where['cpu_capability']}), {where['threads']} threads, "
         f"host {where['host']}" + (f", SLURM job {where['slurm_job_id']}" if where["slurm_job_id"] else "")
-        + f"; torch {torch.__version__}, timm {timm.__version__}, "
+        + f"; numerics {numerics}, CPU {numerics_mod.cpu_label(kernels['cpu'])}, MKL mode "
+        f"{kernels['mkl_branch']}; torch {torch.__version__}, timm {timm.__version__}, "
         f"source {source_hash(cell.model, cell.mask)}, data {fingerprint}, deterministic {recipe.deterministic}")
     log(f"data workers {recipe.workers}, bf16 autocast {recipe.amp}, TF32 {recipe.tf32} (CUDA only), "
         f"compiled {recipe.compile}")
@@ -518,14 +542,16 @@ def train_cell(
         "wall_time_s": round(wall_before + time.perf_counter() - started, 2),
         "train_images_per_s": round(
             sum(h["images_per_s"] * h["_seconds"] for h in history) / max(train_seconds, 1e-9), 2),
-        **where,
+        **where, **kernels,
+        "weights_sha256": weights_sha256(model),
         "num_classes": data.num_classes, "img_size": img_size,
         "n_train": len(train_y), "n_val": len(val_y), "n_test": len(test_y),
         "dataset_fingerprint": fingerprint, "source_hash": source_hash(cell.model, cell.mask),
         "deterministic": recipe.deterministic,
         "versions": {"torch": torch.__version__, "timm": timm.__version__, "gmmvit": __version__,
                      "python": platform.python_version(), "cuda": torch.version.cuda,
-                     "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None},
+                     "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
+                     **numerics_mod.library_versions()},
         "recipe_config": recipe.to_dict(),
     }
     atomic_write_bytes(out / "metrics.json", (json.dumps(record, indent=2) + "\n").encode())

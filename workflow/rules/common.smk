@@ -232,8 +232,9 @@ def grid_files(name: str) -> list[str]:
 
 def report_tables() -> list[str]:
     """The headline (selected epoch), the best test epoch (the paper's), the last epoch, the tidy CSV,
-    and the three tables as one HTML page (what the HTML report shows inline)."""
-    names = ("table.md", "table_best.md", "table_last.md", "table.csv", "tables.html")
+    the three tables as one HTML page (what the HTML report shows inline), and every cell's epochs
+    (history.csv: what `gmmvit verify` compares with)."""
+    names = ("table.md", "table_best.md", "table_last.md", "table.csv", "tables.html", "history.csv")
     return [results(name) for name in names]
 
 

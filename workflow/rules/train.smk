@@ -14,6 +14,7 @@ rule train:
         base=lambda wildcards: config["recipes"][wildcards.recipe]["base"],
         overrides=lambda wildcards: overrides_json(wildcards.recipe, wildcards.dataset),
         data=lambda wildcards: dataset_arguments(wildcards.dataset),
+        numerics=config.get("numerics", "portable"),  # a param: the kernels change the numbers
         out_dir=lambda wildcards, output: Path(output.metrics).parent,
     log:
         cell_log(),
@@ -39,7 +40,7 @@ rule train:
         "gmmvit train --dataset {wildcards.dataset} --model {wildcards.model} --mask {wildcards.mask}"
         " --seed {wildcards.seed} --recipe {params.base} --recipe-name {wildcards.recipe}"
         " --overrides {params.overrides:q}"
-        " {params.data:q} --threads {threads} --out {params.out_dir:q}"
+        " {params.data:q} --threads {threads} --numerics {params.numerics} --out {params.out_dir:q}"
         " --keep-checkpoint {resources.keep_checkpoint}"
         " --device-slots {resources.device_slots:q} --cells-per-gpu {resources.cells_per_gpu}"
         " > {log:q} 2>&1"
