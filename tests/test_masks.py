@@ -12,7 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from gmmvit.attention import MaskedAttention
-from gmmvit.masks import (build_mask, family_names, grid_offsets, kernel_families, mask_class, mask_names,
+from gmmvit.models import build_model
+from gmmvit.registry import model_names
+from gmmvit.masks import (LocalityMask, build_mask, squared_distances, family_names, grid_offsets, kernel_families, mask_class, mask_names,
                           mask_options, parse_mask_spec)
 
 MASKS = mask_names()
@@ -312,9 +314,12 @@ def test_lsa_refuses_a_single_token_grid():
 
 def official_float32_gmm(alpha: torch.Tensor, sigma: torch.Tensor, grid: int) -> torch.Tensor:
     """PAPER.md's official expression, in float32: E = exp(-d2) ** 0.5 once, then
-    M = sum_k alpha * E ** (1 / (sigma^2 + 1e-5)), kernels summed in order."""
+    M = sum_k alpha * E ** (1 / (sigma^2 + 1e-5)), kernels summed in order. The square root is the
+    correctly rounded one (math.sqrt, exact in double, rounded to float32): torch's goes through
+    MKL's vector math, whose last bit depends on the CPU make (tests/test_numerics.py)."""
     dy, dx = grid_offsets(grid)
-    e_half = torch.exp(-(dy**2 + dx**2).to(torch.float32)) ** 0.5
+    e = torch.exp(-(dy**2 + dx**2).to(torch.float32))
+    e_half = torch.tensor([[math.sqrt(v) for v in row] for row in e.tolist()], dtype=torch.float32)
     total = None
     for k in range(alpha.shape[0]):
         term = alpha[k, :, None, None] * e_half ** (1.0 / (sigma[k] ** 2 + 1e-5))[:, None, None]
@@ -394,3 +399,39 @@ def test_which_path_each_mask_takes(mask_name, prefix, sdpa_calls):
 def test_fused_path_table_covers_every_family():
     assert FUSED - set(MASKS) == set()
     assert {m for m in family_names() if mask_class(m).combine == "add"} <= FUSED
+
+
+def all_pairs_gmm(mask) -> torch.Tensor:
+    """The mixture evaluated over every token pair, as the mask family did before it evaluated
+    each distinct squared distance once: (K, H, N, N) Gaussians summed over K."""
+    d2 = squared_distances(mask.grid)
+    var = mask.sigma**2 + 1e-5
+    return (mask.alpha[:, :, None, None] * torch.exp(-d2 / (2.0 * var[:, :, None, None]))).sum(0)
+
+
+@pytest.mark.parametrize("family", ["gmm", "gmm_add"])
+@pytest.mark.parametrize("model", model_names())
+def test_mixture_per_distinct_distance_equals_every_pair_to_the_bit(family, model):
+    """Every masked layer of every model (their grids and head counts): the values the all-pairs
+    evaluation gave, bit for bit; the gradients equal to rounding (summed in another order)."""
+    torch.manual_seed(0)
+    masks = [m for m in build_model(model, mask=family).modules() if isinstance(m, LocalityMask)]
+    assert masks
+    for mask in masks:
+        grid, heads = mask.grid, mask.num_heads
+        assert mask.d2_values.numel() < grid**4  # fewer distances than pairs: what makes it cheap
+        got, want = mask(), all_pairs_gmm(mask)
+        assert got.shape == want.shape == (heads, grid * grid, grid * grid)
+        assert torch.equal(got, want), (model, grid, heads)
+        check_gradients(mask, got)
+
+
+def check_gradients(mask, got):
+    # the gradients: the same sums in another order, so equal to rounding
+    weights = torch.randn(got.shape, generator=torch.Generator().manual_seed(1))
+    params = (mask.alpha, mask.sigma)
+    new = torch.autograd.grad((mask() * weights).sum(), params)
+    old = torch.autograd.grad((all_pairs_gmm(mask) * weights).sum(), params)
+    for a, b in zip(new, old):
+        # float32 sums over up to 65,536 pairs in two orders: equal to a few ulps of the largest
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max())), float((a - b).abs().max())

@@ -44,6 +44,14 @@ def squared_distances(grid: int) -> Tensor:
     return (dy**2 + dx**2).float()
 
 
+def distinct_squared_distances(grid: int) -> tuple[Tensor, Tensor]:
+    """The distinct values of :func:`squared_distances` ascending, (U,) float32, and each token
+    pair's index into them, (N, N) int64. A mask that is a function of d2 is evaluated on the U
+    values and gathered: a 16x16 grid has 65,536 pairs and 136 distinct squared distances."""
+    values, index = torch.unique(squared_distances(grid), return_inverse=True)
+    return values, index
+
+
 class LocalityMask(nn.Module):
     """One attention layer's mask over its N = grid * grid patch tokens (row-major).
 

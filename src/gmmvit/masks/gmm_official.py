@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -26,12 +28,16 @@ class OfficialGaussianMixtureMask(GaussianMixtureMask):
 
     def __init__(self, grid: int, num_heads: int, num_kernels: int = 5) -> None:
         super().__init__(grid, num_heads, num_kernels)
-        # float32 on purpose: the underflow is the point of this family.
-        self.register_buffer("e_half", torch.exp(-self.d2.float()) ** 0.5, persistent=False)
+        # float32 on purpose: the underflow is the point of this family. The square root is taken
+        # correctly rounded (math.sqrt of the float32 value, rounded back): torch.sqrt goes through
+        # MKL's vector math, whose last bit depends on the CPU (gmmvit.numerics).
+        e = torch.exp(-self.d2_values.float())
+        self.register_buffer("e_half", torch.tensor([math.sqrt(v) for v in e.tolist()],
+                                                    dtype=torch.float32), persistent=False)  # (U,)
 
-    def forward(self) -> Tensor:
+    def profile(self) -> Tensor:
         inv_var = 1.0 / (self.sigma**2 + 1e-5)  # (K, H)
-        terms = (self.alpha[k, :, None, None] * self.e_half ** inv_var[k, :, None, None]
+        terms = (self.alpha[k, :, None] * self.e_half ** inv_var[k, :, None]
                  for k in range(self.num_kernels))
         mask = next(terms)
         for term in terms:  # summed in kernel order, one term at a time
