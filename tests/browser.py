@@ -6,6 +6,7 @@ Used by tests/test_workflow.py, and as a script for the README's screenshot:
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import sys
@@ -23,9 +24,8 @@ FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "-
 
 def missing() -> str | None:
     """Why the browser cannot run here, or None."""
-    try:
-        import selenium  # noqa: F401
-    except ImportError:
+    # decided on what is missing: a selenium that is installed but fails to import is a failure
+    if importlib.util.find_spec("selenium") is None:
         return "selenium is not installed (pip install -e '.[test]')"
     for path in (CHROMIUM, CHROMEDRIVER):
         if not (Path(path).is_file() and os.access(path, os.X_OK)) and not shutil.which(Path(path).name):

@@ -15,6 +15,20 @@ def in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() == "true"
 
 
+@pytest.fixture(autouse=True)
+def kernel_environment_is_left_as_found(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`gmmvit train` called in-process sets portable numerics' variables (MKL_CBWR, ...) in this
+    process's environment; undo them after each test, so that no later subprocess inherits them."""
+    from gmmvit.numerics import PORTABLE_ENVIRONMENT
+
+    for name in PORTABLE_ENVIRONMENT:
+        if name in os.environ:
+            monkeypatch.setenv(name, os.environ[name])
+        else:  # recorded as absent, so that teardown removes what a test set
+            monkeypatch.setenv(name, "")
+            monkeypatch.delenv(name)
+
+
 @pytest.fixture(scope="session")
 def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
     """Started once, on first use; its daemons are stopped by pid when the session ends. Where SLURM

@@ -323,3 +323,50 @@ def test_native_numerics_keep_the_cpus_own_kernels(tmp_path):
     record = json.loads((tmp_path / "native" / "metrics.json").read_text())
     assert record["numerics"] == "native" and record["mkl_branch"] != "COMPATIBLE"
     assert record["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+
+
+def test_set_determinism_sets_the_cuda_flags_the_readme_promises(monkeypatch):
+    """deterministic: true turns on deterministic cuDNN / cuBLAS and algorithms (warn only where an
+    operation has none) and off cuDNN's autotuning; false, the reverse. Checked without a GPU: the
+    flags are torch's own, read back."""
+    from gmmvit.train import set_determinism
+
+    before = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+              torch.are_deterministic_algorithms_enabled(),
+              torch.is_deterministic_algorithms_warn_only_enabled())
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    try:
+        set_determinism(True)
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        set_determinism(False)
+        assert not torch.backends.cudnn.deterministic and torch.backends.cudnn.benchmark
+        assert not torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[:2]
+        torch.use_deterministic_algorithms(before[2], warn_only=before[3])
+
+
+def test_a_stale_checkpoint_is_ignored_and_the_run_starts_at_epoch_one(tmp_path):
+    """A checkpoint left by a finished run, or by another recipe, must not be resumed from: the
+    cell says it ignores it, and its history is a fresh run's, epoch 1 on."""
+    fresh = train(tmp_path / "fresh", "epochs=2")
+    assert fresh.returncode == 0, fresh.stdout + fresh.stderr
+
+    out = tmp_path / "cell"
+    first = train(out, "epochs=1", extra=["--keep-checkpoint", "yes"])  # leaves a finished checkpoint
+    assert first.returncode == 0 and (out / "checkpoint.pt").exists(), first.stdout + first.stderr
+    # another recipe (2 epochs): its 1-epoch checkpoint would otherwise be resumed after epoch 1
+    other = train(out, "epochs=2", extra=["--keep-checkpoint", "yes"])
+    assert other.returncode == 0, other.stdout + other.stderr
+    assert "ignoring" in other.stdout and "resuming" not in other.stdout
+    cols = ("epoch", "train_loss", "test_loss", "test_top1", "lr")
+    assert [[r[c] for c in cols] for r in history(out)] == \
+           [[r[c] for c in cols] for r in history(tmp_path / "fresh")]
+    # the same recipe again: that checkpoint is a finished run's now
+    again = train(out, "epochs=2")
+    assert again.returncode == 0 and "ignoring" in again.stdout and "resuming" not in again.stdout
+    assert [[r[c] for c in cols] for r in history(out)] == \
+           [[r[c] for c in cols] for r in history(tmp_path / "fresh")]
