@@ -93,6 +93,7 @@ def test_claims_honour_devices_the_environment_already_narrowed(tmp_path: Path,
             devices._held.pop().close()
 
 
+@pytest.mark.slow
 def test_train_command_records_its_slot(tmp_path: Path) -> None:
     """`gmmvit train --device-slots` claims before training and the cell's record says which slot."""
     import json

@@ -234,6 +234,22 @@ def test_image_size_not_divisible_names_both_numbers(name):
     assert re.search(r"\b30\b.*not divisible by .*\b\d+\b", str(err.value)), str(err.value)
 
 
+def vit_paper_macs(tokens: int = 64, dim: int = 192, depth: int = 9, mlp: int = 384, patch_in: int = 48,
+                   classes: int = 10) -> int:
+    """The small-dataset ViT's paper-convention MACs at 32x32, summed from its layers' shapes
+    (PAPER.md: a Linear counts in x out per token and out once for its bias; a Conv, per output
+    position, its bias included; a LayerNorm 2 per element; attention products not at all)."""
+    patch = tokens * dim * (patch_in + 1)          # 4x4x3 convolution to 192 channels, stride 4
+    block = (2 * tokens * dim                      # LayerNorm
+             + tokens * dim * 3 * dim              # qkv, no bias
+             + tokens * dim * dim + dim            # output projection
+             + 2 * tokens * dim                    # LayerNorm
+             + tokens * dim * mlp + mlp            # MLP in
+             + tokens * mlp * dim + dim)           # MLP out
+    head = 2 * dim + dim * classes + classes       # LayerNorm of the pooled token, classifier
+    return patch + depth * block + head
+
+
 def test_measure_command_prints_the_counts(tmp_path):
     import json
     import subprocess
@@ -246,7 +262,7 @@ def test_measure_command_prints_the_counts(tmp_path):
     record = json.loads(out.read_text())
     assert json.loads(run.stdout) == record
     assert record["params"] == 2_692_042 + 9 * 2 * 3 * 12 and record["mask_params"] == 9 * 2 * 3 * 12
-    assert record["macs_paper"] == 170_923_018 and record["depth"] == 9
+    assert record["macs_paper"] == vit_paper_macs() == 170_923_018 and record["depth"] == 9
     # the spec carries K: gmm-k3 without --mask-kernels measures K = 3, under its own name
     run = subprocess.run([sys.executable, "-m", "gmmvit.cli", "measure", "--model", "vit", "--mask", "gmm-k3"],
                          capture_output=True, text=True)

@@ -546,6 +546,7 @@ def smoke_cell(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_mask_figures_come_from_a_real_cells_saved_parameters(smoke_cell: Path, tmp_path: Path) -> None:
     import torch
 
@@ -569,6 +570,7 @@ def test_mask_figures_come_from_a_real_cells_saved_parameters(smoke_cell: Path, 
         assert torch.allclose(torch.from_numpy(mean), expected, rtol=1e-5, atol=1e-5), name
 
 
+@pytest.mark.slow
 def test_mask_parameters_that_do_not_fit_the_model_are_refused(smoke_cell: Path) -> None:
     import torch
 

@@ -143,6 +143,7 @@ def test_a_batch_is_augmented_from_its_own_seed_only():
         seeded.__getitems__([(0, 1), (1, 2)])
 
 
+@pytest.mark.slow
 def test_one_and_two_workers_give_the_same_run(tmp_path):
     data = cifar_like()
     cell = Cell("cifar-like", "vit", "gmm", 0, "paper")
@@ -156,6 +157,7 @@ def test_one_and_two_workers_give_the_same_run(tmp_path):
     assert all(math.isfinite(float(r["train_loss"])) for r in history_rows(tmp_path / "1"))
 
 
+@pytest.mark.slow
 def test_a_resumed_run_with_workers_equals_an_uninterrupted_one(tmp_path, monkeypatch):
     data = cifar_like()
     cell = Cell("cifar-like", "vit", "gmm", 0, "paper")
@@ -236,6 +238,7 @@ def test_bf16_autocast_agrees_with_float32_loosely():
                                                   torch.cat([g.flatten() for g in grads])) < 0.1
 
 
+@pytest.mark.slow
 def test_smoke_cell_trains_with_amp(tmp_path, plain_smoke):
     record, rows = smoke_with(tmp_path, amp=True)
     assert record["recipe_config"]["amp"] is True
@@ -286,6 +289,7 @@ def test_smoke_cell_trains_compiled(tmp_path, plain_smoke):
     assert params and not any(name.startswith("_orig_mod") for name in params)
 
 
+@pytest.mark.slow
 def test_speed_keys_reach_the_record_and_the_log(tmp_path, capsys):
     record = train_cell(Cell("cifar-like", "vit", "none", 0, "paper"),
                         PAPER_SHORT.replace(epochs=1, workers=1), tmp_path, dataset=cifar_like(),
@@ -299,6 +303,7 @@ def test_speed_keys_reach_the_record_and_the_log(tmp_path, capsys):
 # ---------------------------------------------------------------- the committed benchmark
 
 
+@pytest.mark.slow
 def test_speed_benchmark_times_each_cell_in_its_own_process():
     """benchmarks/speed.py runs end to end (tiny settings) and prints a row per model x mask x path
     (eager, compiled) with its ratio to the unmasked model on the same path and to the eager cell,

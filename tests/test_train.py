@@ -76,6 +76,7 @@ def test_demo_cell_learns_digits(tmp_path):
     assert len(lines) == 2 and "top1" in lines[0] and "\r" not in run.stdout
 
 
+@pytest.mark.slow
 def test_same_seed_same_numbers(tmp_path):
     a, b = train(tmp_path / "a"), train(tmp_path / "b")
     assert a.returncode == 0 and b.returncode == 0, a.stdout + a.stderr
@@ -85,6 +86,7 @@ def test_same_seed_same_numbers(tmp_path):
     assert [r["train_loss"] for r in history(tmp_path / "a")] == [r["train_loss"] for r in history(tmp_path / "b")]
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_numbers(tmp_path):
     sets = ("epochs=4",)
     straight = train(tmp_path / "straight", *sets)
@@ -110,6 +112,7 @@ def test_killed_run_resumes_to_the_same_numbers(tmp_path):
            [[r[c] for c in cols] for r in history(out)]
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_with_epoch_and_step(tmp_path):
     out = tmp_path / "nan"
     run = train(out, "lr=1e30", "warmup_epochs=0")
@@ -155,6 +158,7 @@ def test_device_and_threads_follow_the_environment(monkeypatch):
     assert threads_from_environment() == 3
 
 
+@pytest.mark.slow
 def test_paper_recipe_runs_with_augmentation_and_mixing(tmp_path):
     """The paper's full pipeline (flip, crop, AutoAugment, erasing, CutMix/Mixup) through the loop,
     on a small in-memory dataset with CIFAR's shape and policy."""
@@ -263,6 +267,7 @@ def test_a_cell_that_learned_nothing_is_flagged():
     assert did_not_learn(3.0, 40.0, 200) is None  # ln 200 = 5.3: learning, with 200 classes
 
 
+@pytest.mark.slow
 def test_subset_validation_and_kept_checkpoint_in_a_real_cell(tmp_path):
     # smoke: 64 training digits, a quarter held out for validation; the checkpoint kept when asked
     out = tmp_path / "cell"
@@ -275,6 +280,7 @@ def test_subset_validation_and_kept_checkpoint_in_a_real_cell(tmp_path):
     assert "16 val" in run.stdout and "CPU capability" in run.stdout
 
 
+@pytest.mark.slow
 def test_killed_run_with_two_workers_resumes_to_the_one_worker_numbers(tmp_path):
     """Augmentation in worker processes: a run killed after its first checkpoint and resumed with 2
     workers gives the numbers of an uninterrupted run with 1 (per-batch seeds, not per-worker RNGs)."""
@@ -317,6 +323,7 @@ def test_portable_numerics_are_refused_where_they_cannot_be_had(tmp_path):
     assert not (tmp_path / "api" / "history.csv").exists()
 
 
+@pytest.mark.slow
 def test_native_numerics_keep_the_cpus_own_kernels(tmp_path):
     run = train(tmp_path / "native", "epochs=1", extra=["--numerics", "native"])
     assert run.returncode == 0, run.stdout + run.stderr
@@ -349,6 +356,7 @@ def test_set_determinism_sets_the_cuda_flags_the_readme_promises(monkeypatch):
         torch.use_deterministic_algorithms(before[2], warn_only=before[3])
 
 
+@pytest.mark.slow
 def test_a_stale_checkpoint_is_ignored_and_the_run_starts_at_epoch_one(tmp_path):
     """A checkpoint left by a finished run, or by another recipe, must not be resumed from: the
     cell says it ignores it, and its history is a fresh run's, epoch 1 on."""
