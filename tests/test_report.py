@@ -588,3 +588,34 @@ def test_a_record_without_mask_parameters_gets_a_figure_that_says_so(tmp_path: P
     report.report(metrics, tmp_path / "out")
     figures = sorted(p.name for p in (tmp_path / "out" / "plots" / "masks").iterdir())
     assert figures == ["vit-gmm.png"]  # masked models only
+
+
+def test_seeds_a_difference_needs_against_hand_computed_values():
+    # paired differences 1, 2, 3: mean 2, s = 1, n = 3; t(0.975, 2) = 4.302653, so these seeds
+    # resolve 4.302653 / sqrt(3) = 2.484138 and not 2. Seeds m that would: t(0.975, m-1) / sqrt(m) < 2:
+    # m = 3 gives 2.484138, m = 4 gives t(0.975, 3) = 3.182446 / 2 = 1.591223: 4 seeds
+    resolvable, needed, n = report.seeds_needed([1.0, 2.0, 3.0])
+    assert n == 3 and resolvable == pytest.approx(2.484138, abs=1e-6) and needed == 4
+    # 4, 5, 6: the same spread, mean 5 > 2.48: resolved with 3 (m = 2: 12.706205 / sqrt(2) = 8.98 > 5)
+    assert report.seeds_needed([4.0, 5.0, 6.0])[1] == 3
+    # -1, 0, 4: mean 1, s = sqrt(7) = 2.645751; t(0.975, m-1) / sqrt(m) < 0.377964 first at m = 30
+    # (m = 29: 2.048407 / 5.385165 = 0.380380; m = 30: 2.045230 / 5.477226 = 0.373406)
+    assert report.seeds_needed([-1.0, 0.0, 4.0])[1] == 30
+    assert report.seeds_needed([2.0])[1:] == (None, 1) and math.isnan(report.seeds_needed([2.0])[0])
+    assert report.seeds_needed([-1.0, 1.0])[1] is None  # mean 0: nothing to resolve
+
+
+def test_every_paired_comparison_says_how_many_seeds_it_needs(tmp_path: Path) -> None:
+    base = {f"none{s}": {"selected_top1": 90.0} for s in range(3)}
+    gmm = {f"gmm{s}": {"selected_top1": 91.0 + s} for s in range(3)}  # differences 1, 2, 3
+    out = digits_vit(tmp_path, {"none": [0, 1, 2], "gmm": [0, 1, 2]}, **base, **gmm)
+    table = pd.read_csv(out / "table.csv")
+    masked, unmasked = table[table["mask"] == "gmm"], table[table["mask"] == "none"]
+    assert masked["selected_top1_seeds_needed"].tolist() == [4, 4, 4]
+    assert masked["selected_top1_resolvable"].tolist() == pytest.approx([2.4841] * 3, abs=1e-4)
+    assert unmasked["selected_top1_seeds_needed"].isna().all()
+    text = (out / "table.md").read_text()
+    line = next(l for l in text.splitlines() if l.startswith("Seeds a difference needs"))
+    assert "GMM-ViT ±2.48, needs 4." in line
+    assert text.index("| Model") < text.index("Seeds a difference needs") < text.index("Cells: with n")
+    assert "Seeds a difference needs" in (out / "tables.html").read_text()

@@ -253,6 +253,14 @@ def cell_table(cells: pd.DataFrame, measures: pd.DataFrame, reference: pd.DataFr
         paired = values.to_numpy() - base.reindex(index).to_numpy()
         # rounded as the records are (4 decimals), so the CSV shows 1.41, not 1.4099999999999966
         table[f"{metric}_vs_none"] = np.where(ok, paired, np.nan).round(4)
+        # per comparison (recipe, dataset, model, mask vs none): what its seeds resolve, what it needs
+        comparison = ["recipe", "dataset", "model", "mask"]
+        found = {k: seeds_needed(d) for k, d in table.groupby(comparison, sort=False)[f"{metric}_vs_none"]}
+        keys = [k if mask != "none" else None for k, mask in
+                zip(zip(*(table[c] for c in comparison)), table["mask"])]
+        table[f"{metric}_resolvable"] = [round(found[k][0], 4) if k and pd.notna(found[k][0]) else np.nan
+                                         for k in keys]
+        table[f"{metric}_seeds_needed"] = pd.array([found[k][1] if k else None for k in keys], dtype="Int64")
     paper = reference[["model", "mask", "dataset", "paper_top1"]]
     table = table.merge(paper, on=["model", "mask", "dataset"], how="left")
     paper_none = paper[paper["mask"] == "none"].set_index(["model", "dataset"])["paper_top1"]
@@ -289,6 +297,29 @@ def t_interval(values: Iterable[float]) -> tuple[float, float, int]:
     return float(x.mean()), float(half), len(x)
 
 
+MOST_SEEDS = 1000  # beyond this, a difference counts as not resolvable by more seeds
+
+
+def seeds_needed(values: Iterable[float]) -> tuple[float, int | None, int]:
+    """For paired differences: (the smallest difference these n seeds resolve at 95%, i.e. the
+    t half-width t_{0.975, n-1} s / sqrt(n); the fewest seeds m >= 2 with t_{0.975, m-1} s / sqrt(m)
+    below the observed |mean difference|, assuming the observed paired std s; n). NaN / None below
+    two pairs; None when the mean is 0 or more than MOST_SEEDS seeds would be needed."""
+    x = np.asarray([v for v in values if pd.notna(v)], dtype=float)
+    n = len(x)
+    if n < 2:
+        return math.nan, None, n
+    s, observed = float(x.std(ddof=1)), abs(float(x.mean()))
+    resolvable = float(stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1)) * s / math.sqrt(n)
+    if observed == 0:
+        return resolvable, None, n
+    if s == 0:
+        return resolvable, 2, n
+    m = np.arange(2, MOST_SEEDS + 1)
+    enough = stats.t.ppf(0.5 + CONFIDENCE / 2, m - 1) * s / np.sqrt(m) < observed
+    return resolvable, (int(m[enough.argmax()]) if enough.any() else None), n
+
+
 def summary(table: pd.DataFrame, metric: str) -> pd.DataFrame:
     """Per dataset x model x mask: cells, how many did not learn, mean and std over the rest, and
     the paired difference to the unmasked model (mean, 95% half-width, number of pairs)."""
@@ -298,12 +329,13 @@ def summary(table: pd.DataFrame, metric: str) -> pd.DataFrame:
         good = pd.to_numeric(group.loc[ok[group.index], metric], errors="coerce").dropna()
         failed = pd.to_numeric(group.loc[~ok[group.index], metric], errors="coerce").dropna()
         diff, half, pairs = t_interval(group[f"{metric}_vs_none"]) if mask != "none" else (math.nan,) * 2 + (0,)
+        needed = seeds_needed(group[f"{metric}_vs_none"])[1] if mask != "none" else None
         rows.append({"dataset": dataset, "model": model, "mask": mask, "cells": len(group),
                      "not_learned": int((~ok[group.index]).sum()), "n": len(good),
                      "mean": good.mean() if len(good) else math.nan,
                      "std": good.std() if len(good) > 1 else math.nan,
                      "failed_values": failed.tolist(),
-                     "diff": diff, "half_width": half, "pairs": pairs})
+                     "diff": diff, "half_width": half, "pairs": pairs, "seeds_needed": needed})
     return pd.DataFrame(rows)
 
 
@@ -624,6 +656,29 @@ def provenance(table: pd.DataFrame, grid: str | None) -> list[str]:
     return lines
 
 
+def seeds_line(table: pd.DataFrame, metric: str) -> str | None:
+    """One line under a table: per paired comparison, the smallest difference its seeds resolve and
+    how many seeds would resolve the observed one (None when no comparison has two pairs)."""
+    rows = summary(table, metric)
+    rows = rows[(rows["mask"] != "none") & (rows["pairs"] >= 2)]
+    if rows.empty:
+        return None
+    several = table["dataset"].nunique() > 1
+    parts = []
+    for _, r in rows.iterrows():
+        resolvable, needed, pairs = seeds_needed(table.loc[(table["dataset"] == r["dataset"]) & (
+            table["model"] == r["model"]) & (table["mask"] == r["mask"]), f"{metric}_vs_none"])
+        label = row_label(r["model"], r["mask"]) + (f" ({DATASET_NAMES.get(r['dataset'], r['dataset'])})"
+                                                     if several else "")
+        verdict = ("resolved" if needed is not None and needed <= pairs else
+                   f"needs {needed}" if needed is not None else f"needs more than {MOST_SEEDS}"
+                   if r["diff"] != 0 else "no difference to resolve")
+        parts.append(f"{label} ±{resolvable:.2f}, {verdict}")
+    return ("Seeds a difference needs (95% t, from each comparison's observed paired spread): the "
+            "smallest difference its seeds resolve, then whether its observed difference is resolved "
+            "or how many seeds would resolve it: " + "; ".join(parts) + ".")
+
+
 def legend(measures: pd.DataFrame, with_paper: bool) -> str:
     at_reference = ((measures["img_size"] == REFERENCE_SHAPE[0])
                     & (measures["num_classes"] == REFERENCE_SHAPE[1])).any()
@@ -647,10 +702,14 @@ def write_tables(table: pd.DataFrame, measures: pd.DataFrame, reference: pd.Data
 
     html_sections: list[str] = []
 
-    def page(heading: str, first: str, frame: pd.DataFrame, with_paper: bool, note: str = "") -> str:
+    def page(heading: str, first: str, frame: pd.DataFrame, with_paper: bool, metric: str,
+             note: str = "") -> str:
         has_paper = any(c.endswith("(paper)") for c in frame.columns)
-        # the table first, then what it needs to be read: the flags, the legend, the provenance
-        after = warned + [NOT_LEARNED_NOTE] * flagged + [legend(measures, with_paper and has_paper)]
+        # the table first, then what it needs to be read: the seeds its differences need, the
+        # flags, the legend, the provenance
+        seeds = seeds_line(table, metric)
+        after = [seeds] * bool(seeds) + warned + [NOT_LEARNED_NOTE] * flagged
+        after += [legend(measures, with_paper and has_paper)]
         after += [paper_note] * has_paper + [note] * bool(note) + described
         html_sections.append(_html_section(heading, [first], frame, after))
         return "\n\n".join([f"# {heading}", first, _markdown(frame), *after]) + "\n"
@@ -660,17 +719,19 @@ def write_tables(table: pd.DataFrame, measures: pd.DataFrame, reference: pd.Data
                            "figures" if (table["selection"] == "test").all() else " The paper's own "
                            "selection (best test epoch) is in table_best.md, beside the paper's figures")
         + "; the last epoch is in table_last.md.",
-        results_frame(table, measures, reference, "selected_top1", with_paper=False), with_paper=False))
+        results_frame(table, measures, reference, "selected_top1", with_paper=False), with_paper=False,
+        metric="selected_top1"))
     (out_dir / "table_best.md").write_text(page(
         "Test top-1 (%) at the best test epoch (the paper's selection: optimistic)",
         "Selection: best test epoch, as the paper: optimistic (the epoch is chosen on the numbers it "
         "reports); for comparison with the paper's figures. The headline is in table.md ("
         + selected.rstrip(".") + ").",
-        results_frame(table, measures, reference, "best_top1", with_paper=True), with_paper=True))
+        results_frame(table, measures, reference, "best_top1", with_paper=True), with_paper=True,
+        metric="best_top1"))
     (out_dir / "table_last.md").write_text(page(
         "Test top-1 (%) at the last epoch", "Selection: none, the last epoch.",
         results_frame(table, measures, reference, "last_top1", with_paper=False), with_paper=False,
-        note="The paper reports the best epoch only, so no paper figures here."))
+        metric="last_top1", note="The paper reports the best epoch only, so no paper figures here."))
     table.to_csv(out_dir / "table.csv", index=False)
     # every epoch of every cell, keyed by cell: what `gmmvit verify` compares a re-trained cell with
     histories.to_csv(out_dir / "history.csv", index=False)
