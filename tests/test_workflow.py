@@ -8,6 +8,7 @@ repository. Jobs still run the installed `gmmvit`. Most incremental checks are d
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -218,7 +219,7 @@ def test_paper_grid_dry_run_with_everything_built_does_nothing(tmp_path: Path) -
         + [f"results/measure/{m}-{k}-{size}px-{classes}c.json" for m in grid["models"] for k in grid["masks"]
            for size, classes in ((32, 10), (32, 100), (64, 200))],
         [f"results/{name}"
-         for name in ("table.md", "table_best.md", "table_last.md", "table.csv", "tables.html")]
+         for name in ("table.md", "table_best.md", "table_last.md", "table.csv", "tables.html", "history.csv")]
         + [f"results/plots/{name}.png"
            for name in ("accuracy", "paired_difference", "learning_curves", "vs_paper")]
         + [f"results/plots/masks/{m}-{k}.png" for m in grid["models"] for k in grid["masks"] if k != "none"],
@@ -437,8 +438,12 @@ def test_html_report_holds_its_description_captions_tables_and_figures(built: Pa
         first = next(line for line in caption.read_text().splitlines() if line.strip() and "{" not in line)
         plain = re.sub(r"\*+|`+", "", first).strip()[:40]
         assert plain in text, caption.name
+    # the three tables page travels inside the file as a base64 data URI: the headline number in it
+    embedded = re.search(r"data:text/html[^,]*;base64,([A-Za-z0-9+/=]+)", page)
+    assert embedded, "the tables page is not embedded"
+    tables = base64.b64decode(embedded.group(1)).decode()
     record = json.loads((built / metrics("digits", "none")).read_text())
-    assert f"{record['selected_top1']:.2f}" in page  # the headline number, in the inline tables
+    assert "<table" in tables and f"{record['selected_top1']:.2f}" in tables
     for plot in ("accuracy", "paired_difference", "learning_curves", "vs_paper", "vit-gmm"):
         assert f"{plot}.png" in page
     assert page.count("iVBORw0KGgo") >= 5  # the PNGs themselves, inside the file (base64)
