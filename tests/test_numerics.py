@@ -40,8 +40,8 @@ def emulation_missing() -> str | None:
 
 def start(out: Path, numerics: str, masks: str, cpu: str | None = None) -> subprocess.Popen:
     command = [sys.executable, str(PROBE), "--numerics", numerics, "--masks", masks, "--out", str(out)]
-    if cpu:
-        command = [str(EMULATE), cpu, *command]
+    if cpu:  # through bash: a copied shared/ may have lost the script's execute bit
+        command = ["bash", str(EMULATE), cpu, *command]
     log = open(out.with_suffix(".log"), "w")
     # the probe's numerics set their own environment; nothing of this process's may leak in
     env = {k: v for k, v in os.environ.items() if k not in ("MKL_CBWR", "ATEN_CPU_CAPABILITY")}
