@@ -49,6 +49,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from .numerics import cpu_label  # torch-free: the tables still need no torch
+
 if TYPE_CHECKING:  # the tables need no torch; only the mask figures import it, when drawn
     from .masks import LocalityMask
 
@@ -116,6 +118,19 @@ def _final_train_loss(metrics: Path) -> float | None:
     return float(losses.iloc[-1]) if len(losses) else None
 
 
+def flat_record(record: dict) -> dict:
+    """A metrics.json as one flat row of table.csv: versions as ``<name>_version`` (a null version
+    is a fact, "none": a CPU build has no CUDA; a missing one stays unknown), the CPU's facts as
+    ``cpu_<fact>``, the kernel environment as one JSON column."""
+    row = dict(record)
+    row |= {f"{k}_version": "none" if v is None else v for k, v in (row.pop("versions", None) or {}).items()}
+    cpu = row.pop("cpu", None) or {}
+    row |= {f"cpu_{k}": (" ".join(cpu[k]) if k == "flags" else cpu[k]) for k in CPU_FACTS if k in cpu}
+    if isinstance(row.get("kernel_environment"), dict):
+        row["kernel_environment"] = json.dumps(row["kernel_environment"], sort_keys=True)
+    return row
+
+
 def load_records(metrics_files: Sequence[Path]) -> pd.DataFrame:
     """One row per cell; versions flattened to ``<name>_version`` columns, the resolved recipe kept
     as a dict. A record written by older code loads too: its missing fields are unknown (NaN), its
@@ -123,15 +138,10 @@ def load_records(metrics_files: Sequence[Path]) -> pd.DataFrame:
     rows = []
     for path in metrics_files:
         record = json.loads(Path(path).read_text())
-        versions = record.pop("versions", {}) or {}
+        versions = record.get("versions") or {}
         missing = [k for k in PROVENANCE if k not in record] + \
             [f"versions.{k}" for k in VERSIONS if k not in versions]
-        # a null version is a fact (a CPU build has no CUDA), a missing one is unknown
-        row = record | {f"{k}_version": "none" if v is None else v for k, v in versions.items()}
-        cpu = row.pop("cpu", None) or {}
-        row |= {f"cpu_{k}": (" ".join(cpu[k]) if k == "flags" else cpu[k]) for k in CPU_FACTS if k in cpu}
-        if "kernel_environment" in row:  # one column: the variables set, as JSON
-            row["kernel_environment"] = json.dumps(row["kernel_environment"], sort_keys=True)
+        row = flat_record(record)
         if "selected_top1" not in record:  # older code kept the best test epoch only
             row |= {"selection": "test", "selected_top1": record.get("best_top1"),
                     "selected_epoch": record.get("best_epoch")}
@@ -507,11 +517,10 @@ def cpu_labels(cells: pd.DataFrame) -> pd.Series:
     def one(cell: pd.Series) -> str | None:
         if pd.isna(cell.get("cpu_model_name")) and pd.isna(cell.get("cpu_vendor")):
             return None
-        name = cell["cpu_model_name"] if pd.notna(cell["cpu_model_name"]) else "unnamed CPU"
-        if pd.isna(cell.get("cpu_family")):
-            return str(name)
-        return (f"{name} ({cell['cpu_vendor']} family {int(cell['cpu_family'])} model "
-                f"{int(cell['cpu_model'])} stepping {int(cell['cpu_stepping'])})")
+        # a CSV column with a missing value holds its integers as floats
+        facts = {k: (None if pd.isna(v) else int(v) if isinstance(v, float) else v)
+                 for k in CPU_FACTS if k != "flags" for v in [cell.get(f"cpu_{k}")]}
+        return cpu_label(facts)
     return cells.apply(one, axis=1) if len(cells) else pd.Series(dtype=object)
 
 

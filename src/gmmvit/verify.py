@@ -29,6 +29,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from .report import flat_record
+
 IDENTITY = ["recipe", "dataset", "model", "mask", "seed"]
 COMPARED = ["train_loss", "val_loss", "val_top1", "test_loss", "test_top1", "lr"]  # not images_per_s
 # What a reader needs to explain a difference, in the order shown.
@@ -113,17 +115,6 @@ def first_difference(committed: pd.DataFrame, fresh: pd.DataFrame) -> str | None
             if not _same(old.get(column), new.get(column)):
                 return f"epoch {int(old['epoch'])}: {column} {new.get(column)} against {old.get(column)} committed"
     return None
-
-
-def flat_record(metrics: dict) -> dict:
-    """A fresh metrics.json in table.csv's flat shape, for the side-by-side provenance."""
-    row = dict(metrics)
-    row |= {f"{k}_version": v for k, v in (row.pop("versions", {}) or {}).items()}
-    cpu = row.pop("cpu", None) or {}
-    row |= {f"cpu_{k}": (" ".join(v) if k == "flags" else v) for k, v in cpu.items()}
-    if isinstance(row.get("kernel_environment"), dict):
-        row["kernel_environment"] = json.dumps(row["kernel_environment"], sort_keys=True)
-    return row
 
 
 def side_by_side(committed: pd.Series, fresh: dict) -> list[str]:
