@@ -1,5 +1,6 @@
-"""report.py on records written by hand: the tables' rows, columns and numbers come from the cells,
-and every number they print is one the records support (known answers, computed here by hand)."""
+"""The report (gmmvit.report) on records written by hand: the tables' rows, columns and numbers come
+from the cells, and every number they print is one the records support (known answers, computed here
+by hand). A failed report is one line, and leaves the last report's files as they were."""
 
 from __future__ import annotations
 
@@ -341,7 +342,9 @@ def test_plots_are_pngs_titled_with_device_and_selection(grid: dict, monkeypatch
     save = matplotlib.figure.Figure.savefig
 
     def recording_savefig(fig, path, *args, **kwargs):
-        titles[Path(path).stem] = fig._suptitle.get_text() if fig._suptitle else ""
+        # drawn to its temporary file beside its place (.<name>.tmp-<pid>), renamed once all are done
+        name = re.fullmatch(r"\.(.+)\.png\.tmp-\d+", Path(path).name)[1]
+        titles[name] = fig._suptitle.get_text() if fig._suptitle else ""
         return save(fig, path, *args, **kwargs)
 
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", recording_savefig)
@@ -368,8 +371,9 @@ def test_plots_without_baseline_or_paper_cells_are_still_written(tmp_path: Path)
 def test_two_records_for_one_cell_fail(tmp_path: Path) -> None:
     path = write_cell(tmp_path / "a", "digits", "vit", "none", 0)
     copy = write_cell(tmp_path / "b", "digits", "vit", "none", 0)
-    with pytest.raises(ValueError, match="several records for one cell"):
+    with pytest.raises(report.ReportError, match="several records for one cell"):
         report.report([path, copy], tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # refused before anything was written
 
 
 def test_main_reads_folders(grid: dict, capsys: pytest.CaptureFixture) -> None:
@@ -619,3 +623,212 @@ def test_every_paired_comparison_says_how_many_seeds_it_needs(tmp_path: Path) ->
     assert "GMM-ViT ±2.48, needs 4." in line
     assert text.index("| Model") < text.index("Seeds a difference needs") < text.index("Cells: with n")
     assert "Seeds a difference needs" in (out / "tables.html").read_text()
+
+
+# ---------------------------------------------------------------- one-line errors, all-or-nothing outputs
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` with its bytes, hidden ones (a leftover temporary file) included."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def reported(tmp_path: Path, out: Path | None = None) -> tuple[list[Path], Path, dict[str, bytes]]:
+    """digits x vit x none, gmm x seeds 0, 1, reported once: (records, out, the outputs' bytes)."""
+    metrics = [write_cell(tmp_path / "runs", "digits", "vit", k, s) for k in ("none", "gmm") for s in (0, 1)]
+    out = out or tmp_path / "out"
+    report.report(metrics, out)
+    return metrics, out, snapshot(out)
+
+
+def change_record(path: Path, **fields) -> None:
+    """Edit a record, so that a new report of it differs from the last."""
+    path.write_text(json.dumps(json.loads(path.read_text()) | (fields or {"selected_top1": 12.5})))
+
+
+def fails_in_one_line(argv: list, capsys: pytest.CaptureFixture, *fragments: str) -> str:
+    """report.main(argv) returns 2 and says one line, holding ``fragments``, without a traceback."""
+    assert report.main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.startswith("gmmvit report: error: ") and err.count("\n") == 1, err
+    for fragment in fragments:
+        assert fragment in err, (fragment, err)
+    return err
+
+
+def test_report_errors_are_user_errors() -> None:
+    from gmmvit.errors import UserError
+
+    assert issubclass(report.ReportError, UserError) and report.ReportError.exit_code == 2
+
+
+def test_a_missing_or_empty_results_folder_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "out"
+    fails_in_one_line([tmp_path / "nope", "--out-dir", out], capsys,
+                      f"RUN {tmp_path / 'nope'}: no such file or folder", "e.g. results/runs")
+    (tmp_path / "empty").mkdir()
+    fails_in_one_line([tmp_path / "empty", "--out-dir", out], capsys,
+                      f"no metrics.json under {tmp_path / 'empty'}", "train the cells first")
+    cell = write_cell(tmp_path / "runs", "digits", "vit", "none", 0)
+    fails_in_one_line([cell, "--measures", tmp_path / "nope", "--out-dir", out], capsys,
+                      f"--measures {tmp_path / 'nope'}: no such file or folder")
+    assert not out.exists()  # refused before anything was written
+
+
+def test_a_broken_record_is_named_and_the_last_report_stays(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    metrics, out, before = reported(tmp_path)
+    change_record(metrics[0])  # the new report would differ: what stays is the old one
+    metrics[1].write_text('{"dataset": "digits", "model": ')  # cut short
+    fails_in_one_line([tmp_path / "runs", "--out-dir", out], capsys,
+                      f"{metrics[1]}: not valid JSON (Expecting value: line 1 column 32)", "retrain its cell")
+    assert snapshot(out) == before
+    metrics[1].write_text("[1, 2]")
+    fails_in_one_line([tmp_path / "runs", "--out-dir", out], capsys, f"{metrics[1]}: a JSON list, not an object")
+    measure = write_measure(tmp_path / "m", "vit", "none")
+    measure.write_bytes(b"\xff\xfe")
+    fails_in_one_line([metrics[0], "--measures", measure, "--out-dir", out], capsys,
+                      f"{measure}: not a text file", "gmmvit measure")
+    assert snapshot(out) == before
+
+
+def test_two_records_of_one_cell_are_one_line_and_the_last_report_stays(tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture) -> None:
+    metrics, out, before = reported(tmp_path)
+    twin = write_cell(tmp_path / "elsewhere", "digits", "vit", "none", 0)
+    fails_in_one_line([tmp_path / "runs", twin, "--out-dir", out], capsys, "several records for one cell: ",
+                      str(metrics[0]), str(twin), "remove the extra records")
+    assert snapshot(out) == before
+
+
+def test_a_bug_keeps_its_traceback_and_the_last_report_stays(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure after the tables and plots are written (to their temporary files): none replaces
+    the last report's, and the temporary files are gone."""
+    metrics, out, before = reported(tmp_path)
+    change_record(metrics[0])
+
+    def bug(table, outputs):
+        assert list(out.glob(".table.md.tmp-*")) and list(out.glob("plots/.accuracy.png.tmp-*"))
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(report.command, "write_mask_figures", bug)
+    with pytest.raises(KeyError, match="a bug"):
+        report.main([str(tmp_path / "runs"), "--out-dir", str(out)])
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("how", ["--debug", "GMMVIT_DEBUG=1"])
+def test_debug_shows_the_traceback_too(how: str, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    argv = [str(tmp_path / "nope"), "--out-dir", str(tmp_path / "out")]
+    if how == "--debug":
+        argv.append("--debug")
+    else:
+        monkeypatch.setenv("GMMVIT_DEBUG", "1")
+    assert report.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback") and "ReportError" in err
+    assert err.splitlines()[-1].startswith("gmmvit report: error: RUN ")
+
+
+@pytest.fixture()
+def small_tmpfs(tmp_path: Path):
+    """A 4 MiB tmpfs (a disk that really fills up), for root where mount works; else skipped."""
+    import os
+    import subprocess
+
+    folder = tmp_path / "tmpfs"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(folder)],
+                             capture_output=True, text=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+def test_a_full_disk_is_one_line_and_the_last_report_stays(tmp_path: Path, small_tmpfs: Path,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    import errno
+
+    metrics, out, before = reported(tmp_path, small_tmpfs / "out")
+    change_record(metrics[0])
+    filler = small_tmpfs / "filler"
+    with open(filler, "wb") as f:  # fill the disk ...
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError as err:
+            assert err.errno == errno.ENOSPC
+    # ... then free room for the tables, not for the plots: the report fails half way through
+    tables = sum(len(data) for name, data in before.items() if name in report.TABLES)
+    with open(filler, "r+b") as f:
+        f.truncate(filler.stat().st_size - tables - 16384)
+    fails_in_one_line([tmp_path / "runs", "--out-dir", out], capsys,
+                      f"cannot write {out / 'plots'}/", "no space left on the device")
+    assert snapshot(out) == before
+    filler.unlink()  # with room again, the next report replaces the whole set
+    assert report.main([str(tmp_path / "runs"), "--out-dir", str(out)]) == 0
+    after = snapshot(out)
+    assert after.keys() == before.keys() and after["table.csv"] != before["table.csv"]
+
+
+def test_a_read_only_folder_is_one_line_and_the_last_report_stays(tmp_path: Path, small_tmpfs: Path,
+                                                                  capsys: pytest.CaptureFixture) -> None:
+    import subprocess
+
+    metrics, out, before = reported(tmp_path, small_tmpfs / "out")
+    change_record(metrics[0])
+    subprocess.run(["mount", "-o", "remount,ro", str(small_tmpfs)], check=True)
+    fails_in_one_line([tmp_path / "runs", "--out-dir", out], capsys,
+                      f"cannot write {out / 'table.md'}: the file system is read-only")
+    assert snapshot(out) == before
+
+
+def test_a_killed_report_leaves_the_last_one_and_the_next_removes_its_temporary_files(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    metrics, out, before = reported(tmp_path)
+    change_record(metrics[0])
+    # killed (SIGKILL: no clean-up) once its tables and plots are on disk, under temporary names
+    kill = ("import os, signal, sys\nfrom gmmvit import report\n"
+            "report.command.write_mask_figures = lambda *_: os.kill(os.getpid(), signal.SIGKILL)\n"
+            "report.main(sys.argv[1:])\n")
+    run = subprocess.run([sys.executable, "-c", kill, str(tmp_path / "runs"), "--out-dir", str(out)],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == -9, run.stderr
+    left = {name for name in snapshot(out) if ".tmp-" in name}
+    assert {".table.md.tmp-", "plots/.accuracy.png.tmp-"} <= {re.sub(r"\d+$", "", n) for n in left}
+    assert {k: v for k, v in snapshot(out).items() if k not in left} == before
+    live = out / f".table_best.md.tmp-{os.getppid()}"  # a writer still running: left alone
+    live.write_text("being written")
+    assert report.main([str(tmp_path / "runs"), "--out-dir", str(out)]) == 0
+    after = snapshot(out)
+    assert after.keys() == before.keys() | {live.name}
+    assert after["table.csv"] != before["table.csv"]
+
+
+def test_the_commands_say_one_line(tmp_path: Path) -> None:
+    """`gmmvit report` and `python -m gmmvit.report`, as the workflow and a user call them."""
+    import subprocess
+    import sys
+
+    metrics, out, before = reported(tmp_path)
+    metrics[1].write_text("{")
+    gmmvit = Path(sys.executable).with_name("gmmvit")
+    for command in ([str(gmmvit), "report"], [sys.executable, "-m", "gmmvit.report"]):
+        run = subprocess.run([*command, str(tmp_path / "runs"), "--out-dir", str(out)], capture_output=True,
+                             text=True, timeout=120)
+        assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+        assert run.stderr == f"gmmvit report: error: {metrics[1]}: not valid JSON (Expecting property name " \
+            "enclosed in double quotes: line 1 column 2); retrain its cell (remove the cell's folder and run " \
+            "snakemake again), or leave it out of the report's inputs\n"
+    assert snapshot(out) == before

@@ -1,18 +1,18 @@
-# The grid's cells -> tables, plots and the figures of what the masks learned. report.py is an input
-# here only, so editing it reruns the report and nothing else. The mask figures also run the model
-# and mask modules; those are no inputs here because editing one retrains its cells, whose new
-# records rerun the report anyway.
+# The grid's cells -> tables, plots and the figures of what the masks learned. The report package
+# (src/gmmvit/report/*.py) is an input here only, so editing it reruns the report and nothing else.
+# The mask figures also run the model and mask modules; those are no inputs here because editing
+# one retrains its cells, whose new records rerun the report anyway.
 
 
 rule report:
     input:
         metrics=grid_files("metrics.json"),
-        # report.py reads each history.csv beside its metrics.json (learning curves)
+        # the report reads each history.csv beside its metrics.json (learning curves)
         histories=grid_files("history.csv"),
         # ... and each mask_params.pt beside it (what the masks learned)
         mask_params=grid_files("mask_params.pt"),
         measures=measure_files(),
-        code=src_files("report.py"),
+        code=src_files("report/*.py"),
         reference=src_files("reference/paper_table.csv"),
     output:
         table=report(
