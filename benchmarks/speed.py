@@ -2,6 +2,7 @@
 
     python benchmarks/speed.py                 # all models x {none, gmm, elm}, batch 128, 32x32
     python benchmarks/speed.py --models vit --loop   # + the full training loop vs the model alone
+    python benchmarks/speed.py --masks none gpsa     # a family's cost over none, every model
     python benchmarks/speed.py --compile       # each cell eager and under torch.compile (recipe key)
     python benchmarks/speed.py --device cuda   # on a GPU (the matmul too)
     python benchmarks/data_path.py             # the data path: workers, augmentation, start-up
@@ -77,7 +78,7 @@ def loop_images_per_s(batch: int, steps: int) -> float:
     from torch.utils.data import DataLoader, RandomSampler
 
     from gmmvit.recipe import BUILTIN_RECIPES, BatchMixer, soft_cross_entropy, train_transform
-    from gmmvit.train import AugmentedImages
+    from gmmvit.batches import AugmentedImages
 
     recipe = BUILTIN_RECIPES["paper"]
     torch.manual_seed(0)

@@ -16,7 +16,7 @@ from test_workflow import REPO, make_workdir, planned, snakemake
 
 pytestmark = pytest.mark.slow
 
-LOCALITY_MASKS = ["none", "gmm", "gmm_add", "gmm_official", "elm", "rmt", "alibi2d", "temperature", "lsa"]
+LOCALITY_MASKS = ["none", "gmm", "gmm_add", "gmm_official", "elm", "rmt", "alibi2d", "temperature", "lsa", "gpsa"]
 
 
 def repo_config(work: Path, grid: str) -> dict:

@@ -114,14 +114,16 @@ def test_unknown_mask_lists_valid_names(spec):
 def _reference_attention(attn: MaskedAttention, x: torch.Tensor, bias=None) -> torch.Tensor:
     """Straightforward float64 attention with the mask applied to the patch block only: scaled
     logits, times the factor, plus the mask's bias and the host's, (talking heads), own-token pairs
-    blocked where the mask says so, softmax, (talking heads)."""
+    blocked where the mask says so, softmax, (talking heads), a mixture's positional attention
+    mixed into the patch rows (the class token's row: the content attention alone)."""
     B, N, _ = x.shape
     H, d, p = attn.num_heads, attn.head_dim, attn.num_prefix_tokens
     qkv = attn.qkv(x).double().reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4)
     q, k, v = qkv[0], qkv[1], qkv[2]
     logits = q @ k.transpose(-2, -1) * attn.scale
     patches = (slice(None), slice(None), slice(p, None), slice(p, None))
-    if attn.mask is not None:
+    mixture = attn.mask is not None and attn.mask.combine == "mix"
+    if attn.mask is not None and not mixture:
         m = attn.mask().double()
         if attn.mask.combine == "mul":
             logits[patches] = logits[patches] * m
@@ -138,6 +140,10 @@ def _reference_attention(attn: MaskedAttention, x: torch.Tensor, bias=None) -> t
     weights = logits.softmax(-1)
     if attn.talking_heads:
         weights = torch.einsum("bhij,hg->bgij", weights, attn.mix_post.weight.double())
+    if mixture:
+        gate = attn.mask.gate().double()[None, :, None, None]
+        mixed = (1 - gate) * weights[:, :, p:] + gate * F.pad(attn.mask().double(), (p, 0))
+        weights = torch.cat([weights[:, :, :p], mixed], dim=2)
     out = (weights @ v).transpose(1, 2).reshape(B, N, H * d)
     return attn.proj(out.float())
 
@@ -196,6 +202,7 @@ PARAMETERS_PER_LAYER = {
     "alibi2d": lambda K, H, N: 0,
     "temperature": lambda K, H, N: H,
     "lsa": lambda K, H, N: H,
+    "gpsa": lambda K, H, N: 5 * H,  # w_h (3), b_h, lambda_h
 }
 
 
@@ -379,9 +386,10 @@ def sdpa_calls(monkeypatch):
     return calls
 
 
-# A mask takes the fused path when it is additive, or a per-head factor (folded into q) on a layer
-# without special tokens; a token-pair factor (GMM, ELM) needs the explicit one.
-FUSED = {"none", "rmt", "alibi2d", "gmm_add", "temperature", "lsa"}
+# A mask takes the fused path when it is additive, a mixture (its content part), or a per-head
+# factor (folded into q) on a layer without special tokens; a token-pair factor (GMM, ELM) needs
+# the explicit one.
+FUSED = {"none", "rmt", "alibi2d", "gmm_add", "temperature", "lsa", "gpsa"}
 
 
 @pytest.mark.parametrize("mask_name", MASKS)
@@ -435,3 +443,135 @@ def check_gradients(mask, got):
     for a, b in zip(new, old):
         # float32 sums over up to 65,536 pairs in two orders: equal to a few ulps of the largest
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max())), float((a - b).abs().max())
+
+
+# ---------------------------------------------------------------- ConViT's GPSA
+
+
+def official_gpsa(attn: MaskedAttention, x: torch.Tensor) -> torch.Tensor:
+    """ConViT's GPSA as its paper and official code state it, transcribed here: per pair the
+    relative encoding (dx, dy, dx^2 + dy^2), the positional softmax expanded over the batch, the
+    mixed map (1 - g) softmax(q.k / sqrt(d)) + g P divided by its row sum, then A v and the output
+    projection. In the dtype of x and the module."""
+    mask = attn.mask
+    B, N, _ = x.shape
+    H, d, grid = attn.num_heads, attn.head_dim, mask.grid
+    rel = torch.zeros(N, N, 3, dtype=x.dtype)
+    for i in range(N):
+        for j in range(N):
+            dx, dy = j % grid - i % grid, j // grid - i // grid
+            rel[i, j] = torch.tensor([dx, dy, dx * dx + dy * dy], dtype=x.dtype)
+    pos_score = rel[None].expand(B, -1, -1, -1) @ mask.pos_weight.T + mask.pos_bias  # (B, N, N, H)
+    pos_score = pos_score.permute(0, 3, 1, 2).softmax(dim=-1)
+    q, k, v = attn.qkv(x).reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4)
+    patch_score = ((q @ k.transpose(-2, -1)) * d**-0.5).softmax(dim=-1)
+    gating = torch.sigmoid(mask.gating).view(1, -1, 1, 1)
+    mixed = (1.0 - gating) * patch_score + gating * pos_score
+    mixed = mixed / mixed.sum(dim=-1, keepdim=True)
+    return attn.proj((mixed @ v).transpose(1, 2).reshape(B, N, H * d))
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-6), (torch.float64, 1e-12)])
+def test_gpsa_equals_the_official_formula_forward_and_backward(dtype, tolerance):
+    torch.manual_seed(0)
+    grid, heads = 5, 9
+    attn = MaskedAttention(36, num_heads=heads, mask=build_mask("gpsa", grid, heads)).to(dtype).eval()
+    with torch.no_grad():  # away from the initial values: random positional weights and gates
+        attn.mask.pos_weight.add_(torch.randn(heads, 3, dtype=dtype) * 0.3)
+        attn.mask.pos_bias.normal_()
+        attn.mask.gating.normal_()
+    x = torch.randn(2, grid * grid, 36, dtype=dtype, requires_grad=True)
+    probe = torch.randn(2, grid * grid, 36, dtype=dtype)  # a random loss direction
+    inputs = [x, *attn.parameters()]
+    want = official_gpsa(attn, x)
+    want_grads = torch.autograd.grad((want * probe).sum(), inputs)
+    for fused in (True, False):
+        attn.fused = fused
+        got = attn(x)
+        error = float((got - want).detach().abs().max())
+        assert torch.allclose(got, want, rtol=0, atol=tolerance), (fused, error)
+        for a, b in zip(torch.autograd.grad((got * probe).sum(), inputs), want_grads):
+            # the bias's gradient is zero but for rounding (it cancels in the softmax): atol alone
+            assert torch.allclose(a, b, rtol=0, atol=tolerance * max(1.0, float(b.abs().max()))), (
+                fused, float((a - b).abs().max()))
+
+
+def test_gpsa_local_init_centres_nine_heads_on_the_3x3_offsets():
+    grid = 15  # the centre query is 7 patches from every edge: the grid's border cuts nothing visible
+    mask = build_mask("gpsa", grid, 9)
+    positional = mask().detach()
+    centre = 7 * grid + 7
+    peaks = set()
+    for head in range(9):
+        h1, h2 = head % 3, head // 3  # head = h1 + 3 h2
+        row = positional[head, centre]
+        key = int(row.argmax())
+        dx, dy = key % grid - 7, key // grid - 7
+        assert (dx, dy) == (h2 - 1, h1 - 1)  # w = (2 (h2 - c), 2 (h1 - c), -1) over (dx, dy, d^2)
+        assert round(float(row.max()), 3) == 0.318  # 1 / (sum_n exp(-n^2))^2
+        peaks.add((dx, dy))
+    assert peaks == {(dx, dy) for dx in (-1, 0, 1) for dy in (-1, 0, 1)}
+    assert torch.allclose(mask.gate(), torch.sigmoid(torch.ones(9)))  # lambda = 1: g = 0.73
+    assert torch.all(mask.pos_bias == 0)
+
+
+def test_gpsa_local_init_of_an_even_kernel_and_of_heads_beyond_k_squared():
+    torch.manual_seed(0)
+    weight = build_mask("gpsa", 8, 4).pos_weight.detach()  # k = 2, c = 0.5
+    assert weight.tolist() == [[-1, -1, -1], [-1, 1, -1], [1, -1, -1], [1, 1, -1]]
+    twelve = build_mask("gpsa", 8, 12).pos_weight.detach()  # k = 3: heads 9-11 keep the default draw
+    assert torch.all(twelve[:9, 2] == -1)
+    # N(0, 0.02): timm's trunc_normal_ cuts at +-2 absolute, as ConViT calls it, so in effect no cut
+    assert twelve[9:].abs().max() < 0.1 and twelve[9:].abs().min() > 0
+    plain = build_mask("gpsa", 8, 9, local_init=False).pos_weight.detach()
+    assert plain.abs().max() < 0.1
+    strong = build_mask("gpsa", 8, 9, locality_strength=2.0).pos_weight.detach()
+    assert torch.equal(strong[:, 2], torch.full((9,), -2.0))
+
+
+@pytest.mark.parametrize("heads,head_dim,dim,bias",
+                         [(9, 4, 36, False), (4, 64, 108, True), (1, 64, 27, False)])
+def test_gpsa_starts_v_as_the_rectangular_identity(heads, head_dim, dim, bias):
+    # square (ViT), CaiT's inner width 256 over dim 108, T2T's token layer 64 over 27
+    attn = MaskedAttention(dim, num_heads=heads, head_dim=head_dim, qkv_bias=bias,
+                           mask=build_mask("gpsa", 3, heads))
+    inner = heads * head_dim
+    assert torch.equal(attn.qkv.weight[2 * inner:], torch.eye(inner, dim))
+    assert not torch.equal(attn.qkv.weight[:inner], torch.eye(inner, dim))  # q and k untouched
+    if bias:
+        assert torch.all(attn.qkv.bias[2 * inner:] == 0)
+    x = torch.randn(2, 9, dim)
+    v = attn.qkv(x)[..., 2 * inner:]
+    assert torch.equal(v[..., :min(inner, dim)], x[..., :min(inner, dim)])
+    plain = MaskedAttention(dim, num_heads=heads, head_dim=head_dim,
+                            mask=build_mask("gpsa", 3, heads, local_init=False))
+    assert not torch.equal(plain.qkv.weight[2 * inner:], torch.eye(inner, dim))
+
+
+def test_gpsa_positional_attention_respects_the_hosts_window_mask():
+    """Swin's shifted windows: a pair the host blocks gets no positional weight either; P is one
+    per window (windows batch-major), not one per image."""
+    torch.manual_seed(0)
+    grid, heads, windows, images = 3, 2, 2, 3
+    attn = MaskedAttention(8, num_heads=heads, mask=build_mask("gpsa", grid, heads)).eval()
+    n = grid * grid
+    window_mask = torch.zeros(windows, n, n)
+    window_mask[1, :, 4:] = -100.0  # window 1: keys 4.. are on the far side of the seam
+    window_mask[1, 4:, :] = -100.0
+    window_mask[1, 4:, 4:] = 0.0
+    x = torch.randn(images * windows, n, 8)
+    B = x.shape[0]
+    q, k, v = attn.qkv(x).double().reshape(B, n, 3, heads, 4).permute(2, 0, 3, 1, 4)
+    bias = window_mask.repeat(images, 1, 1)[:, None].double()
+    content = ((q @ k.transpose(-2, -1)) * attn.scale + bias).softmax(-1)
+    positional = (attn.mask.positional_logits().double()[None] + bias).softmax(-1)  # (B, H, n, n)
+    assert positional[1, :, 0, 4:].max() < 1e-30  # what the window mask does to P
+    gate = attn.mask.gate().double()[None, :, None, None]
+    mixed = (1 - gate) * content + gate * positional
+    expected = attn.proj((mixed @ v).transpose(1, 2).reshape(B, n, 8).float())
+    for fused in (True, False):
+        attn.fused = fused
+        got = attn(x, attn_mask=bias.float(), window_mask=window_mask)
+        assert torch.allclose(got, expected, atol=1e-5), fused
+        unwindowed = attn(x, attn_mask=bias.float())  # without the window mask, P crosses the seam
+        assert not torch.allclose(unwindowed, expected, atol=1e-3)

@@ -109,7 +109,10 @@ def test_temperature_starts_as_the_unmasked_model(name):
         assert torch.allclose(model(x), plain(x), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("mask", [m for m in MASKS if m in ("rmt", "alibi2d", "gmm_add", "temperature", "lsa")])
+FUSED_IN_VIT = ("rmt", "alibi2d", "gmm_add", "temperature", "lsa", "gpsa")
+
+
+@pytest.mark.parametrize("mask", [m for m in MASKS if m in FUSED_IN_VIT])
 def test_vit_additive_and_temperature_masks_run_fused(mask, monkeypatch):
     calls = []
     original = torch.nn.functional.scaled_dot_product_attention
@@ -141,8 +144,9 @@ def test_neutral_gmm_gives_the_unmasked_logits(name):
 # Which model x mask reaches scaled_dot_product_attention (the fused path), written out rather than
 # derived from attention.py: never with CaiT's talking heads; never with a mask that multiplies the
 # logits pair by pair (gmm, gmm_official, elm); a per-head factor (temperature, lsa) folds into q
-# only without special tokens, so not on PiT (class token).
-ADDITIVE = {"none", "gmm_add", "rmt", "alibi2d"}
+# only without special tokens, so not on PiT (class token). GPSA's content part is the plain
+# attention: fused wherever that is.
+ADDITIVE = {"none", "gmm_add", "rmt", "alibi2d", "gpsa"}
 
 
 def takes_fused_path(model: str, mask: str) -> bool:
@@ -210,8 +214,11 @@ def test_every_model_and_mask_trains_one_step(name, mask, img_size, num_classes)
             # Official placement: in PiT's last layer only the class token reaches the head and its
             # row is unmasked, so that layer's mask cannot receive a gradient (kept, as in the paper).
             continue
-        for p in m.parameters():  # rmt has none
-            assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient reaches {n}"
+        for param_name, p in m.named_parameters():  # rmt has none
+            assert p.grad is not None, f"no gradient reaches {n}.{param_name}"
+            if param_name == "pos_bias":
+                continue  # GPSA's positional bias cancels in its softmax: zero but for rounding
+            assert p.grad.abs().sum() > 0, f"no gradient reaches {n}.{param_name}"
 
 
 def test_unknown_model_lists_valid_names():
@@ -309,3 +316,51 @@ def test_layer_norms_use_the_official_eps(name):
     model = build_model(name)
     eps = {m.eps for m in model.modules() if isinstance(m, torch.nn.LayerNorm)}
     assert eps == {1e-5}
+
+
+# ---------------------------------------------------------------- ConViT's GPSA
+
+
+@pytest.mark.parametrize("name", list(PAPER))
+def test_gpsa_v_starts_as_the_identity_after_the_models_own_init(name):
+    """Every model redraws its Linears after building its attention layers (official_init, timm's
+    init_weights, T2T's apply): the identity v must survive that, in every masked layer."""
+    model = build_model(name, mask="gpsa")
+    layers = [m for m in model.modules() if isinstance(m, MaskedAttention) and m.mask is not None]
+    assert layers
+    for layer in layers:
+        inner, dim = layer.inner_dim, layer.qkv.in_features
+        assert torch.equal(layer.qkv.weight[2 * inner:], torch.eye(inner, dim)), (name, inner, dim)
+        if layer.qkv.bias is not None:
+            assert torch.all(layer.qkv.bias[2 * inner:] == 0)
+        assert layer.mask.pos_weight[0, 2] == -1  # the local init survived too
+    plain = [m for m in build_model(name).modules() if isinstance(m, MaskedAttention)]
+    assert not any(torch.equal(m.qkv.weight[2 * m.inner_dim:], torch.eye(m.inner_dim, m.qkv.in_features))
+                   for m in plain)
+
+
+@pytest.mark.parametrize("name", list(PAPER))
+def test_gpsa_parameters_are_5_per_head_and_leave_the_paper_macs_alone(name):
+    base = measure(name, "none")
+    record = measure(name, "gpsa")
+    layers = [m for m in build_model(name, mask="gpsa").modules() if isinstance(m, LocalityMask)]
+    assert record["params"] - base["params"] == record["mask_params"] == sum(5 * m.num_heads for m in layers)
+    assert record["macs_paper"] == base["macs_paper"]  # no module of its own: nothing to hook
+
+
+@pytest.mark.parametrize("name", list(ATTENTION_PRODUCTS))
+def test_fvcore_counts_gpsa_p_v_like_attention_v(name):
+    """P @ v is one more attention-sized product: fvcore's count grows by exactly attn.v's (half of
+    q.k^T + attn.v), on the fused path (SDPA + P.v) and the explicit one (three matmuls) alike."""
+    extra = ATTENTION_PRODUCTS[name] // 2
+    model = build_model(name, mask="gpsa").eval()
+    fused = macs_by_operator(model, 32)
+    assert fused["scaled_dot_product_attention"] == ATTENTION_PRODUCTS[name]
+    assert fused["matmul"] == extra
+    for layer in model.modules():
+        if isinstance(layer, MaskedAttention):
+            layer.fused = False
+    explicit = macs_by_operator(model, 32)
+    assert "scaled_dot_product_attention" not in explicit and explicit["matmul"] == ATTENTION_PRODUCTS[name] + extra
+    plain = macs_by_operator(build_model(name).eval(), 32)
+    assert sum(fused.values()) == sum(explicit.values()) == sum(plain.values()) + extra

@@ -9,13 +9,20 @@ The order of operations follows the official code:
     logits = mix_heads(logits)     (CaiT's talking heads, pre-softmax)
     logits[blocked] = -inf         (pairs a mask blocks: LSA's own-token logits)
     attn   = mix_heads(softmax(logits))
-    out    = proj(attn v)
+    out    = attn v
+    out    = (1 - g) out + g (P v) (a mixture mask, ConViT's GPSA: positional attention P, gate g)
+    out    = proj(out)
 
 Without talking heads, and with no multiplicative mask or only a per-head factor (H, 1, 1) on a
 layer without special tokens (a temperature: folded into q, PAPER.md), everything else is folded
 into one ``attn_mask`` of :func:`torch.nn.functional.scaled_dot_product_attention` (the fused
 path). The explicit path computes the same thing step by step; ``fused=False`` forces it, and the
-tests hold the two equal.
+tests hold the two equal. A mixture changes neither: its positional part is added to either path's
+output, so both count the same products (q.k^T, attn.v and P.v).
+
+Special tokens (``num_prefix_tokens``, e.g. a class token), for every family: their rows and columns
+are never masked. A factor is 1 there, a bias 0, nothing is blocked; a mixture gives their rows
+g = 0 (the content attention alone) and its P covers the patch keys only (zero on special keys).
 """
 
 from __future__ import annotations
@@ -29,6 +36,17 @@ from torch import Tensor, nn
 from .masks import LocalityMask
 
 MaskFactory = Callable[[int, int], "LocalityMask | None"]  # (grid, num_heads) -> one layer's mask
+
+
+def init_masked_attention(model: nn.Module) -> nn.Module:
+    """Let every layer's mask initialise its attention's weights (:meth:`LocalityMask.init_attention`,
+    e.g. GPSA's identity v). Run it after the model's own initialisation: every model here redraws
+    all its Linears once its layers exist (official_init, timm's init_weights, T2T's apply), which
+    would undo what the attention set up when it was built. ``build_model`` does."""
+    for module in model.modules():
+        if isinstance(module, MaskedAttention) and module.mask is not None:
+            module.mask.init_attention(module)
+    return model
 
 
 def _blocking_bias(blocked: Tensor, dtype: torch.dtype) -> Tensor:
@@ -113,22 +131,26 @@ class MaskedAttention(nn.Module):
             if mask.num_heads != num_heads:
                 raise ValueError(f"mask has {mask.num_heads} heads, attention has {num_heads}")
             mask.set_logit_scale(self.scale)
+            mask.init_attention(self)  # again after a host model's own init: init_masked_attention
         self.talking_heads = talking_heads
         if talking_heads:
             self.mix_pre, self.mix_post = HeadMix(num_heads), HeadMix(num_heads)
 
     def _mask_terms(self, n_tokens: int) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         """The mask's (factor, bias, blocked) over all tokens, each None when the mask has no such
-        term; special tokens' rows and columns get the neutral value (1, 0, not blocked)."""
+        term; special tokens' rows and columns get the neutral value (1, 0, not blocked). A mixture
+        has none of the three: :meth:`_mix_positional` applies it to the output."""
         if self.mask is None:
             return None, None, None
-        m, p = self.mask(), self.num_prefix_tokens
-        n_patches = self.mask.num_tokens
+        p, n_patches = self.num_prefix_tokens, self.mask.num_tokens
         if n_patches + p != n_tokens:
             raise ValueError(
                 f"mask covers {n_patches} patch tokens + {p} special tokens, "
                 f"but the layer sees {n_tokens} tokens"
             )
+        if self.mask.combine == "mix":
+            return None, None, None
+        m = self.mask()
         factor, bias = (m, None) if self.mask.combine == "mul" else (None, m)
         blocked = self.mask.blocked()
         if p:
@@ -141,8 +163,43 @@ class MaskedAttention(nn.Module):
                 blocked = F.pad(blocked, pad, value=False)
         return factor, bias, blocked
 
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
-        """x: (B, N, dim). attn_mask: an additive bias broadcastable to (B, H, N, N), or None."""
+    def _mix_positional(self, content: Tensor, v: Tensor, window_mask: Tensor | None) -> Tensor:
+        """(1 - g) content + g (P @ v) on the patch rows; special-token rows keep the content alone.
+
+        content, v: (B, H, N, head_dim). P is (H, n, n) over the n patch tokens, zero-padded for the
+        special tokens' rows and columns, one tensor for the whole batch; with ``window_mask``
+        (G, n, n) it is (G, H, n, n), one per window, the batch being batch-major (b * G + w)."""
+        B, H, N, d = v.shape
+        p, n = self.num_prefix_tokens, self.mask.num_tokens
+        logits = self.mask.positional_logits()[None]  # (1, H, n, n)
+        if window_mask is not None:
+            logits = logits + window_mask[:, None].to(logits.dtype)  # pairs the host blocks
+        positional = logits.softmax(dim=-1)
+        gate = self.mask.gate()[:, None, None].expand(H, n, 1)  # per query row
+        if p:  # special tokens: no positional weight on their keys, g = 0 on their rows
+            positional = F.pad(positional, (p, 0, p, 0))
+            gate = F.pad(gate, (0, 0, p, 0))
+        groups = positional.shape[0]
+        if B % groups:
+            raise ValueError(f"window mask has {groups} windows, the batch {B} rows")
+        # g P @ v without expanding P over the batch: each group's images side by side as columns
+        # of one (G, H, N, images * d) matrix, one product per (group, head). The gate goes on the
+        # small P, and the mixture is one fused multiply-add over the output: on the fused path the
+        # full-size work is a copy of v, a batched product and an addcmul.
+        images = B // groups
+        columns = v.reshape(images, groups, H, N, d).permute(1, 2, 3, 0, 4).reshape(groups, H, N, images * d)
+        positional_out = ((gate * positional).to(v.dtype) @ columns).reshape(groups, H, N, images, d)
+        positional_out = positional_out.permute(3, 0, 1, 2, 4).reshape(B, H, N, d)  # a view when G = 1
+        return torch.addcmul(positional_out, content, (1 - gate).to(content.dtype))
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False,
+                window_mask: Tensor | None = None) -> Tensor:
+        """x: (B, N, dim). attn_mask: an additive bias broadcastable to (B, H, N, N), or None.
+        window_mask: for a mixture mask, the host's blocking (G, n, n) over the patch tokens of G
+        windows, batch-major (b * G + w; Swin's shifted windows: 0 or -100), which the positional
+        attention must respect too; ``attn_mask`` already carries it to the content attention, but
+        mixed with biases (Swin's relative positions) that the positional attention must not see.
+        Other masks ignore it."""
         if is_causal:
             raise ValueError("MaskedAttention is bidirectional: is_causal is not supported")
         B, N, _ = x.shape
@@ -180,6 +237,12 @@ class MaskedAttention(nn.Module):
             if self.talking_heads:
                 attn = self.mix_post(attn)
             out = self.attn_drop(attn) @ v
+
+        if self.mask is not None and self.mask.combine == "mix":
+            # After the talking heads: CaiT's post-softmax mixing (N(0, 1) weights) would scramble
+            # each head's positional kernel across heads and leave P unnormalised; mixed in here,
+            # every head keeps its own P, as in ConViT. Dropout falls on the content part only.
+            out = self._mix_positional(out, v, window_mask)
 
         out = out.transpose(1, 2).reshape(B, N, self.inner_dim)
         if self.v_residual:

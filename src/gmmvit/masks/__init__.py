@@ -1,7 +1,8 @@
 """Locality masks for attention: one module per family, one registry (see :mod:`.base`).
 
 Families (module = registered name; formula, how it combines with the scaled logits z, parameters
-per masked layer with H heads over N patch tokens):
+per masked layer with H heads over N patch tokens; "mix" mixes a positional attention into the
+content attention, ConViT's GPSA):
 
     gmm           z * sum_k alpha_kh exp(-d2 / (2 (sigma_kh^2 + 1e-5)))    mul   2 K H
     gmm_add       z + the same mixture                                      add   2 K H
@@ -11,6 +12,8 @@ per masked layer with H heads over N patch tokens):
     alibi2d       z - m_h sqrt(dx^2 + dy^2)                                 add   0
     temperature   z * tau_h / s   (= q.k tau_h)                             mul   H
     lsa           temperature, and each token's own logit blocked (-inf)    mul   H
+    gpsa          (1 - g_h) softmax(z) + g_h softmax_j(w_h . r_ij + b_h),   mix   5 H
+                  r_ij = (dx, dy, dx^2 + dy^2), g_h = sigmoid(lambda_h)
 
 ``build_mask("gmm-k3", grid, heads)`` builds one layer's mask; ``mask_names()`` lists them all
 without importing any family. The family classes are also attributes of this package, loaded on

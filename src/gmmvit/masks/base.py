@@ -61,15 +61,20 @@ class LocalityMask(nn.Module):
 
     - ``"mul"``: z * M (the official GMM and ELM);
     - ``"add"``: z + M, a bias that goes through ``scaled_dot_product_attention``'s ``attn_mask``,
-      so the fused kernels stay in use.
+      so the fused kernels stay in use;
+    - ``"mix"``: M is a positional attention P (rows sum to 1) that the family's ``gate()`` g_h
+      mixes in: (1 - g_h) softmax(z) + g_h P (ConViT's GPSA). The attention computes it as
+      (1 - g) SDPA(q, k, v) + g (P @ v), so the content part stays on the fused kernels too.
 
-    A family may also block token pairs from the softmax (``blocked()``, LSA's own-token logit) and
-    may want the layer's logit scale (``set_logit_scale``, called once by the attention module).
+    A family may also block token pairs from the softmax (``blocked()``, LSA's own-token logit),
+    may want the layer's logit scale (``set_logit_scale``, called once by the attention module),
+    and may prescribe the attention's own initial weights (``init_attention``: GPSA's identity v).
     Special tokens' rows and columns are never masked: the attention pads every term with its
-    neutral value (factor 1, bias 0, not blocked).
+    neutral value (factor 1, bias 0, not blocked; for a mixture, g = 0 on their rows and P = 0 on
+    their columns, so their rows take the content attention alone).
     """
 
-    combine: Literal["mul", "add"]
+    combine: Literal["mul", "add", "mix"]
 
     def __init__(self, grid: int, num_heads: int) -> None:
         super().__init__()
@@ -85,6 +90,12 @@ class LocalityMask(nn.Module):
 
     def set_logit_scale(self, scale: float) -> None:
         """The attention's logit scale s (z = s * q.k); only masks that learn a temperature use it."""
+
+    def init_attention(self, attention: nn.Module) -> None:
+        """Initialise weights of the attention that applies this mask, where the family prescribes
+        them (GPSA: v starts as the identity); nothing by default. Called by the attention when it
+        is built, and again by :func:`gmmvit.attention.init_masked_attention` after the host model's
+        own initialisation, which redraws every Linear."""
 
     def extra_repr(self) -> str:
         return f"grid={self.grid}, heads={self.num_heads}, combine={self.combine}"

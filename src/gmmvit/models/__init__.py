@@ -16,6 +16,7 @@ from typing import Callable
 
 from torch import nn
 
+from ..attention import init_masked_attention
 from ..masks import build_mask, parse_mask_spec
 from ..registry import model_names
 
@@ -60,8 +61,9 @@ def build_model(
 
     ``mask_kwargs`` are defaults for the mask's constructor (e.g. the recipe's ``num_kernels``); the
     spec's own options (``-k3``) override them. ``overrides`` go to the builder (e.g.
-    ``drop_path_rate=0.0``). The model carries ``paper_depth`` (depth as the paper counts it) and
-    ``mask_name`` (the spec).
+    ``drop_path_rate=0.0``). Masks that prescribe their attention's initial weights (GPSA's
+    identity v) apply them once the builder's own initialisation has run. The model carries
+    ``paper_depth`` (depth as the paper counts it) and ``mask_name`` (the spec).
     """
     builder = model_builder(name)
     parse_mask_spec(mask)  # an unknown spec fails here, naming the valid ones, before any layer is built
@@ -71,5 +73,6 @@ def build_model(
         return build_mask(mask, grid, num_heads, **mask_kwargs)
 
     model = builder(mask_factory, img_size=img_size, num_classes=num_classes, **overrides)
+    init_masked_attention(model)  # after the builder's own init, which redraws every Linear
     model.mask_name = mask
     return model

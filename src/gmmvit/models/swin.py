@@ -23,7 +23,9 @@ class MaskedWindowAttention(MaskedAttention):
     """MaskedAttention inside one Swin window, owning Swin's relative position bias.
 
     The locality mask multiplies the logits first; the relative position bias and the
-    shifted-window mask are then added, as in the official code.
+    shifted-window mask are then added, as in the official code. A mixture mask's positional
+    attention (GPSA) gets the shifted-window mask too: it must not reach across the cyclic shift's
+    seam either.
     """
 
     def __init__(
@@ -59,7 +61,7 @@ class MaskedWindowAttention(MaskedAttention):
             # Windows are batch-major (b * windows + w): tile the per-window bias over the batch.
             num_windows = mask.shape[0]
             bias = (bias + mask[:, None]).repeat(x.shape[0] // num_windows, 1, 1, 1)
-        return super().forward(x, attn_mask=bias)
+        return super().forward(x, attn_mask=bias, window_mask=mask)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", window={self.window_size}"
