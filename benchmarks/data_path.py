@@ -44,7 +44,7 @@ import torch
 from gmmvit.data import CACHE_DIR
 from gmmvit.models import build_model
 from gmmvit.recipe import BUILTIN_RECIPES, BatchMixer, soft_cross_entropy, train_transform
-from gmmvit.train import AugmentedImages, training_loader
+from gmmvit.batches import AugmentedImages, training_loader
 from speed import make_step  # benchmarks/ is on the path when this file is run as a script
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)

@@ -9,6 +9,8 @@ import json
 import os
 import pickle
 import re
+import subprocess
+import sys
 import tarfile
 import threading
 import urllib.parse
@@ -24,8 +26,12 @@ import scipy.io
 import torch
 from PIL import Image
 
-from gmmvit import data
+from gmmvit import data, registry
 from gmmvit.data import DATASETS, DatasetError, load_dataset, prepare_dataset
+from gmmvit.data import cache as data_cache
+from gmmvit.data import decode as data_decode
+from gmmvit.data import folder as data_folder
+from gmmvit.data import tinyimagenet as data_tinyimagenet
 
 DOWNLOADABLE = ["cifar10", "cifar100", "svhn", "tinyimagenet"]
 
@@ -215,6 +221,35 @@ def test_registry_names_and_download_flags() -> None:
     assert [n for n in data.dataset_names() if data.needs_download(n)] == DOWNLOADABLE
     assert data.marker_path("digits", "x") is None
     assert data.marker_path("cifar10", "x") == Path("x/cifar-10-batches-py/.gmmvit-prepared.json")
+
+
+def test_a_kind_module_is_imported_when_its_kind_is_first_used() -> None:
+    """Importing gmmvit.data runs no kind's module: a training job runs (and the code hash it
+    records covers) its own kind's reader and the shared modules that reader imports, nothing else."""
+    code = ("import sys, gmmvit.data as d\n"
+            "loaded = lambda: print(sorted(m for m in sys.modules if m.startswith('gmmvit.data.')))\n"
+            "loaded(); d.load_dataset('digits'); loaded(); d.DATASETS['svhn']; loaded()")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines() == [
+        "['gmmvit.data.base']",
+        "['gmmvit.data.base', 'gmmvit.data.digits']",
+        "['gmmvit.data.base', 'gmmvit.data.cache', 'gmmvit.data.digits', 'gmmvit.data.download', "
+        "'gmmvit.data.lock', 'gmmvit.data.progress', 'gmmvit.data.svhn']",
+    ]
+
+
+def test_each_kind_lives_in_the_module_the_registry_names() -> None:
+    for kind in data.dataset_names():
+        assert type(DATASETS[kind]).__module__ == f"gmmvit.data.{registry.DATASET_MODULES[kind]}", kind
+
+    @dataclasses.dataclass(frozen=True)
+    class ElsewhereSpec(data.DatasetSpec):
+        pass
+
+    for kind in ("svhn", "newkind"):  # a kind's spec defined outside its module, an unmapped kind
+        with pytest.raises(ValueError, match=rf"'{kind}' is defined in data/test_data.py.*DATASET_MODULES"):
+            data.register_dataset(ElsewhereSpec(kind, mean=None, std=None, autoaugment=None))
+    assert "newkind" not in DATASETS and type(DATASETS["svhn"]).__name__ == "SvhnSpec"
 
 
 @pytest.mark.parametrize("call", [
@@ -522,7 +557,7 @@ def test_tinyimagenet_count_mismatch_fails_clearly(tmp_path: Path, server: FileS
     with pytest.raises(DatasetError, match=r"expected 100000, found 4"):
         prepare_dataset("tinyimagenet", root=tmp_path, url=url, progress=False)
     assert_nothing_prepared(tmp_path, "tinyimagenet")
-    monkeypatch.setattr(data, "TINYIMAGENET_EXPECTED", TINY_SMALL)
+    monkeypatch.setattr(data_tinyimagenet, "TINYIMAGENET_EXPECTED", TINY_SMALL)
     prepare_dataset("tinyimagenet", root=tmp_path, url=url, progress=False)
     assert data.is_prepared("tinyimagenet", tmp_path)
 
@@ -707,14 +742,14 @@ def test_cli_prepare_prints_verified_counts_and_log_lines(tmp_path: Path, server
 def test_decoding_progress_is_one_line_in_a_log_and_a_bar_on_a_terminal(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     tree = make_tree(tmp_path / "pets")
-    monkeypatch.setattr(data, "_MANY_FILES", 1)  # a bar even for these few files, on a terminal
+    monkeypatch.setattr(data_decode, "_MANY_FILES", 1)  # a bar even for these few files, on a terminal
     load_dataset("folder", path=tree, img_size=16, name="pets")
     err = capsys.readouterr().err
     assert "\r" not in err
     assert re.fullmatch(r"decoding pets train: 4 images at 16px \.\.\. done in \d+ s\n"
                         r"decoding pets test: 2 images at 16px \.\.\. done in \d+ s\n", err), err
 
-    monkeypatch.setattr(data, "_on_terminal", lambda: True)
+    monkeypatch.setattr(data_decode, "on_terminal", lambda: True)
     load_dataset("folder", path=tree, img_size=12, name="pets")  # 16 px is now cached: decode 12
     err = capsys.readouterr().err
     assert "\r" in err and "decoding" not in err  # tqdm's bar, redrawn in place
@@ -771,7 +806,7 @@ def _no_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args, **kwargs):  # type: ignore[no-untyped-def]
         raise AssertionError("decoded the image files although a current cache exists")
 
-    monkeypatch.setattr(data, "_decode_images", refuse)
+    monkeypatch.setattr(data_decode, "decode_images", refuse)
 
 
 def test_tinyimagenet_prepare_writes_the_decoded_cache(tmp_path: Path, server: FileServer,
@@ -794,22 +829,23 @@ def test_folder_cache_is_used_when_current_and_rebuilt_when_not(tmp_path: Path,
     first = load_dataset("folder", root=tree, img_size=16, progress=False)
     cache = tree / data.CACHE_DIR / "16px"
     assert (cache / "cache.json").is_file()
-    decode = data._decode_images
+    decode = data_decode.decode_images
     calls: list[int] = []
 
     def counting(paths, *args, **kwargs):  # type: ignore[no-untyped-def]
         calls.append(len(paths))
         return decode(paths, *args, **kwargs)
 
-    monkeypatch.setattr(data, "_decode_images", counting)
-    stats = data._channel_stats
+    monkeypatch.setattr(data_decode, "decode_images", counting)
+    stats = data_cache.channel_stats
     passes: list[int] = []  # full passes over the training images to normalise them
 
     def counting_stats(images):  # type: ignore[no-untyped-def]
         passes.append(len(images))
         return stats(images)
 
-    monkeypatch.setattr(data, "_channel_stats", counting_stats)
+    for computes_stats in (data_cache, data_folder):  # the cache's facts, and a folder without them
+        monkeypatch.setattr(computes_stats, "channel_stats", counting_stats)
 
     def load() -> data.ImageDataset:
         return load_dataset("folder", root=tree, img_size=16, progress=False)
@@ -827,6 +863,7 @@ def test_folder_cache_is_used_when_current_and_rebuilt_when_not(tmp_path: Path,
     assert torch.equal(load().train_images, first.train_images) and calls == []
     load_dataset("folder", root=tree, img_size=8, progress=False)  # another size: its own cache
     assert calls == [4, 2] and (tree / data.CACHE_DIR / "8px" / "cache.json").is_file()
+    assert passes == [4]  # one pass, to store the new cache's facts
 
     calls.clear()  # stale: an image added
     _png(tree / "train" / "dog" / "new.png", (0, 0, 90), (16, 16))
@@ -851,7 +888,7 @@ def test_folder_cache_is_used_when_current_and_rebuilt_when_not(tmp_path: Path,
     rebuilt = load()
     assert calls == [5, 2] and torch.equal(rebuilt.train_images, expected)
     meta = json.loads((cache / "cache.json").read_text())
-    assert meta["format"] == data.CACHE_FORMAT
+    assert meta["format"] == data_cache.CACHE_FORMAT
     earlier = [{"key": meta["key"], "format": 1},  # format 1: no stats, no fingerprint
                {k: v for k, v in meta.items() if k not in ("mean", "std")} | {"format": 2}]
     # The current format with one fact missing or malformed (a hand edit): never trusted either.

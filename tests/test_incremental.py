@@ -19,6 +19,8 @@ import pytest
 import yaml
 from test_workflow import REPO, edited, make_workdir, planned, snakemake
 
+from gmmvit.registry import DATASET_MODULES
+
 pytestmark = pytest.mark.slow
 
 MODELS = ["vit", "swin", "t2t"]  # t2t imports vit's block: a dependency between model modules
@@ -32,8 +34,8 @@ def incremental_config(work: Path) -> dict:
     return config | {"grid": "inc", "src_dir": str(work / "src" / "gmmvit")}
 
 
-def train_output(model: str, mask: str) -> str:
-    return f"results/runs/demo/digits/{model}-{mask}/seed0/metrics.json"
+def train_output(model: str, mask: str, dataset: str = "digits") -> str:
+    return f"results/runs/demo/{dataset}/{model}-{mask}/seed0/metrics.json"
 
 
 def measure_output(model: str, mask: str) -> str:
@@ -155,7 +157,7 @@ def test_train_inputs_hold_exactly_the_package_modules_training_loads(tmp_path: 
     for model in ("t2t", "swin"):
         for mask in ("lsa", "gmm-k3"):
             load = ("import json, sys, gmmvit.train; from gmmvit.models import build_model; "
-                    f"build_model({model!r}, mask={mask!r}); "
+                    f"build_model({model!r}, mask={mask!r}); gmmvit.train.load_dataset('digits'); "
                     "print(json.dumps([m.__file__ for n, m in sys.modules.items() if n.startswith('gmmvit')]))")
             run = subprocess.run([sys.executable, "-c", load], capture_output=True, text=True, check=True,
                                  env=os.environ | {"PYTHONPATH": str(work / "src")})
@@ -163,12 +165,70 @@ def test_train_inputs_hold_exactly_the_package_modules_training_loads(tmp_path: 
             assert all(path.startswith(str(package)) for path in loaded)  # the copy, not the repository
             code = inputs[train_output(model, mask)]
             assert loaded <= code, sorted(loaded - code)
-            assert per_cell_modules(code) == per_cell_modules(loaded)  # no other model's or family's
+            assert per_cell_modules(code) == per_cell_modules(loaded)  # no other model, family or kind
+            assert any(path.endswith("/data/digits.py") for path in per_cell_modules(code))
 
 
 def per_cell_modules(paths: set[str]) -> set[str]:
-    """The model and mask-family modules among ``paths`` (not the registries or shared helpers)."""
-    return {p for p in paths if re.search(r"/(models|masks)/(?!__init__|base|common)\w+\.py$", p)}
+    """The model, mask-family and dataset-kind modules among ``paths`` (not the registries or shared
+    helpers)."""
+    kinds = "|".join(sorted(set(DATASET_MODULES.values())))
+    return {p for p in paths
+            if re.search(rf"/(models|masks)/(?!__init__|base|common)\w+\.py$|/data/({kinds})\.py$", p)}
+
+
+# ---------------------------------------------------------------- one dataset kind's code
+
+DATA_DATASETS, DATA_MASKS = ["digits", "svhn"], ["none", "gmm"]
+
+
+@pytest.fixture(scope="module")
+def touched_two_kinds(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A grid of digits and SVHN cells (vit x none, gmm), every train and measure output present and
+    newer than the code, and SVHN's prepared marker in place (so no prepare job is planned)."""
+    work = tmp_path_factory.mktemp("incremental-data")
+    config = incremental_config(work)
+    config["grids"]["inc"] |= {"datasets": DATA_DATASETS, "models": ["vit"], "masks": DATA_MASKS}
+    make_workdir(work, config)
+    now = time.time()
+    for source in (work / "src").rglob("*"):
+        os.utime(source, (now - 1000, now - 1000))
+    outputs = [work / "data" / config["datasets"]["svhn"]["prepared"]]
+    for dataset in DATA_DATASETS:
+        for mask in DATA_MASKS:
+            cell = train_output("vit", mask, dataset)
+            outputs += [work / cell, work / cell.replace("metrics.json", "history.csv"),
+                        work / cell.replace("metrics.json", "mask_params.pt"),
+                        work / measure_output("vit", mask)]
+    for output in outputs:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.touch()
+        os.utime(output, (now - 100, now - 100))
+    assert cell_jobs(work) == {"train": [], "measure": []}
+    return work
+
+
+@pytest.mark.parametrize(
+    ("source", "datasets"),
+    [
+        ("data/svhn.py", ["svhn"]),  # another kind's reader: no digits cell
+        ("data/digits.py", ["digits"]),
+        ("data/cifar.py", []),  # a kind the grid does not read
+        ("data/prepare.py", []),  # only `gmmvit prepare` runs it
+        ("data/cache.py", ["svhn"]),  # shared by the kinds read from disk, not imported by digits
+        ("data/download.py", ["svhn"]),
+        ("data/base.py", ["digits", "svhn"]),  # shared by every kind
+        ("data/__init__.py", ["digits", "svhn"]),
+    ],
+    ids=lambda value: value if isinstance(value, str) else "",
+)
+def test_editing_a_data_module_retrains_exactly_the_cells_of_the_kinds_that_run_it(
+        touched_two_kinds: Path, source: str, datasets: list[str]) -> None:
+    with edited(touched_two_kinds / "src" / "gmmvit" / source, lambda text: text + "\n# edited\n"):
+        jobs = cell_jobs(touched_two_kinds)
+    assert jobs == {"train": sorted(train_output("vit", mask, d) for d in datasets for mask in DATA_MASKS),
+                    "measure": []}  # measuring reads no dataset
+    assert cell_jobs(touched_two_kinds) == {"train": [], "measure": []}
 
 
 @pytest.mark.parametrize(

@@ -145,7 +145,7 @@ def test_cancelled_cell_resumes_to_the_numbers_of_an_uninterrupted_run(
     config = tiny_config(work)
     config["grids"]["tiny"]["masks"] = ["gmm"]
     (work / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    checkpoint = cell_dir(work, "gmm") / "checkpoint.pt"
+    checkpoint = cell_dir(work, "gmm") / ".staging" / "checkpoint.pt"  # a run works in .staging/
     # --retries 0: the profile's own retry would resubmit within this run; the point here is the next run
     run = subprocess.Popen(command(work, "--workflow-profile", str(PROFILE), *FAST_STATUS, "--retries", "0"),
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment())

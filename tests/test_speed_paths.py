@@ -14,18 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import gmmvit.train as train_module
+import gmmvit.cell_folder as folder_module
+from gmmvit.batches import BatchSeededImages, SeededBatches, training_loader
 from gmmvit.data import ImageDataset, load_dataset
 from gmmvit.recipe import BUILTIN_RECIPES, Recipe
-from gmmvit.train import (
-    BatchSeededImages,
-    Cell,
-    SeededBatches,
-    autocast,
-    set_tf32,
-    train_cell,
-    training_loader,
-)
+from gmmvit.train import Cell, autocast, set_tf32, train_cell
 
 # ---------------------------------------------------------------- start-up
 
@@ -164,7 +157,7 @@ def test_a_resumed_run_with_workers_equals_an_uninterrupted_one(tmp_path, monkey
     recipe = PAPER_SHORT.replace(epochs=3, workers=2)
     straight = train_cell(cell, recipe, tmp_path / "straight", dataset=data, threads=1, progress=False)
 
-    real_save = train_module.atomic_torch_save
+    real_save = folder_module.atomic_torch_save
 
     class Killed(Exception):
         pass
@@ -174,11 +167,11 @@ def test_a_resumed_run_with_workers_equals_an_uninterrupted_one(tmp_path, monkey
         if Path(path).name == "checkpoint.pt":
             raise Killed
 
-    monkeypatch.setattr(train_module, "atomic_torch_save", save_then_die)
+    monkeypatch.setattr(folder_module, "atomic_torch_save", save_then_die)
     with pytest.raises(Killed):
         train_cell(cell, recipe, tmp_path / "killed", dataset=data, threads=1, progress=False)
-    monkeypatch.setattr(train_module, "atomic_torch_save", real_save)
-    assert len(history_rows(tmp_path / "killed")) == 1
+    monkeypatch.setattr(folder_module, "atomic_torch_save", real_save)
+    assert len(history_rows(tmp_path / "killed" / ".staging")) == 1  # the run so far, staged
     torch.manual_seed(12345)  # the resumed run must not depend on the process's RNG
     resumed = train_cell(cell, recipe, tmp_path / "killed", dataset=data, threads=1, progress=False)
     assert history_rows(tmp_path / "killed") == history_rows(tmp_path / "straight")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -71,6 +72,7 @@ def test_demo_cell_learns_digits(tmp_path):
     assert record["recipe_config"]["epochs"] == 2 and record["params"] == 2_693_122
     # a finished cell keeps its record and mask parameters, not its 60 MB checkpoint
     assert not (out / "checkpoint.pt").exists() and (out / "mask_params.pt").exists()
+    assert not (out / ".staging").exists()  # the staged run, moved in whole and cleared
     # a line per epoch, readable in a batch-job log (no bar: stdout is not a TTY)
     lines = [line for line in run.stdout.splitlines() if line.startswith("epoch")]
     assert len(lines) == 2 and "top1" in lines[0] and "\r" not in run.stdout
@@ -95,7 +97,7 @@ def test_killed_run_resumes_to_the_same_numbers(tmp_path):
     out = tmp_path / "killed"
     proc = train(out, *sets, wait=False)
     deadline = time.time() + 300
-    while not (out / "checkpoint.pt").exists():  # killed after its first checkpoint
+    while not (out / ".staging" / "checkpoint.pt").exists():  # killed after its first checkpoint
         assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.stdout else ""
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
@@ -196,7 +198,8 @@ def test_checkpoint_resumes_when_mapped_as_from_a_gpu(tmp_path):
     a GPU here: restoring with it must still restore the CPU RNG and the sampler exactly."""
     from gmmvit.models import build_model
     from gmmvit.recipe import BUILTIN_RECIPES, build_optimizer, build_scheduler
-    from gmmvit.train import atomic_torch_save, read_checkpoint, restore_checkpoint
+    from gmmvit.cell_folder import atomic_torch_save, safe_torch_load
+    from gmmvit.train import restore_checkpoint
 
     recipe = BUILTIN_RECIPES["smoke"]
 
@@ -217,13 +220,12 @@ def test_checkpoint_resumes_when_mapped_as_from_a_gpu(tmp_path):
     expected = torch.rand(5), torch.rand(5, generator=shuffle)
 
     model2, optimizer2, scheduler2, shuffle2 = fresh()
-    state = read_checkpoint(tmp_path / "checkpoint.pt")
+    state = safe_torch_load(tmp_path / "checkpoint.pt")  # plain data: loads with weights_only
     restore_checkpoint(state, torch.device("meta"), model2, optimizer2, scheduler2, shuffle2)
     assert torch.equal(torch.rand(5), expected[0])
     assert torch.equal(torch.rand(5, generator=shuffle2), expected[1])
     for a, b in zip(model.state_dict().values(), model2.state_dict().values()):
         assert torch.equal(a, b)
-    assert read_checkpoint(tmp_path / "absent.pt") is None
 
 
 def test_subsets_and_validation_split_are_stratified_and_shared_by_cells():
@@ -292,7 +294,7 @@ def test_killed_run_with_two_workers_resumes_to_the_one_worker_numbers(tmp_path)
     out = tmp_path / "killed"
     proc = train(out, *sets, "workers=2", wait=False)
     deadline = time.time() + 300
-    while not (out / "checkpoint.pt").exists():
+    while not (out / ".staging" / "checkpoint.pt").exists():
         assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.stdout else ""
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)  # its worker processes exit with it (torch watches the parent)
@@ -357,24 +359,33 @@ def test_set_determinism_sets_the_cuda_flags_the_readme_promises(monkeypatch):
 
 
 @pytest.mark.slow
-def test_a_stale_checkpoint_is_ignored_and_the_run_starts_at_epoch_one(tmp_path):
-    """A checkpoint left by a finished run, or by another recipe, must not be resumed from: the
-    cell says it ignores it, and its history is a fresh run's, epoch 1 on."""
+def test_a_stale_checkpoint_is_ignored_and_a_finished_one_only_commits(tmp_path):
+    """A staged checkpoint (where a killed run leaves it) of another recipe, or written by other code,
+    must not be resumed from: the cell says it ignores it, and its history is a fresh run's. One of
+    this very run, killed after its last epoch, resumes with no epoch left and only writes its outputs."""
+    from gmmvit.cell_folder import safe_torch_load
+
     fresh = train(tmp_path / "fresh", "epochs=2")
     assert fresh.returncode == 0, fresh.stdout + fresh.stderr
-
-    out = tmp_path / "cell"
-    first = train(out, "epochs=1", extra=["--keep-checkpoint", "yes"])  # leaves a finished checkpoint
-    assert first.returncode == 0 and (out / "checkpoint.pt").exists(), first.stdout + first.stderr
-    # another recipe (2 epochs): its 1-epoch checkpoint would otherwise be resumed after epoch 1
-    other = train(out, "epochs=2", extra=["--keep-checkpoint", "yes"])
-    assert other.returncode == 0, other.stdout + other.stderr
-    assert "ignoring" in other.stdout and "resuming" not in other.stdout
+    kept = tmp_path / "kept"
+    first = train(kept, "epochs=1", extra=["--keep-checkpoint", "yes"])  # a finished 1-epoch run's checkpoint
+    assert first.returncode == 0 and (kept / "checkpoint.pt").exists(), first.stdout + first.stderr
+    other_code = safe_torch_load(kept / "checkpoint.pt")
+    other_code["cell"][-1] = "0" * 16  # the source hash of some other version of the package
     cols = ("epoch", "train_loss", "test_loss", "test_top1", "lr")
-    assert [[r[c] for c in cols] for r in history(out)] == \
-           [[r[c] for c in cols] for r in history(tmp_path / "fresh")]
-    # the same recipe again: that checkpoint is a finished run's now
-    again = train(out, "epochs=2")
-    assert again.returncode == 0 and "ignoring" in again.stdout and "resuming" not in again.stdout
-    assert [[r[c] for c in cols] for r in history(out)] == \
-           [[r[c] for c in cols] for r in history(tmp_path / "fresh")]
+    for name, sets, says, reference in (
+            ("other-recipe", ("epochs=2",), "ignoring", tmp_path / "fresh"),
+            ("other-code", ("epochs=1",), "written by other code", kept),
+            ("finished", ("epochs=1",), "resuming", kept)):
+        out = tmp_path / name
+        (out / ".staging").mkdir(parents=True)
+        if name == "other-code":
+            torch.save(other_code, out / ".staging" / "checkpoint.pt")
+        else:
+            shutil.copy(kept / "checkpoint.pt", out / ".staging" / "checkpoint.pt")
+        run = train(out, *sets)
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert says in run.stdout and ("resuming" in run.stdout) == (name == "finished"), run.stdout
+        assert [[r[c] for c in cols] for r in history(out)] == [[r[c] for c in cols] for r in history(reference)]
+        assert not (out / ".staging").exists()
+    assert "epoch   1/1" not in run.stdout  # the finished run trained no epoch again

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -15,8 +17,14 @@ from .registry import mask_names, model_names
 def _measure(args: argparse.Namespace) -> int:
     from .complexity import measure
     from .masks import mask_options
-    from .train import atomic_write_bytes
+    from .cell_folder import atomic_write_bytes
 
+    from .errors import UserError
+
+    for option, value, least in (("--img-size", args.img_size, 1), ("--num-classes", args.num_classes, 2),
+                                 ("--mask-kernels", args.mask_kernels, 1)):
+        if value < least:
+            raise UserError(f"{option} must be at least {least}, got {value}")
     mask_kwargs = mask_options(args.mask, default_kernels=args.mask_kernels)
     record = measure(args.model, args.mask, img_size=args.img_size, num_classes=args.num_classes,
                      mask_kwargs=mask_kwargs)
@@ -58,7 +66,7 @@ def _train(args: argparse.Namespace) -> int:
     data = load_dataset(kind, args.data_root, name=args.dataset, **options)
     cell = Cell(args.dataset, args.model, args.mask, args.seed, args.recipe_name or args.recipe)
     train_cell(cell, recipe, args.out, data_root=args.data_root, threads=args.threads, dataset=data,
-               keep_checkpoint=args.keep_checkpoint == "yes", numerics=args.numerics)
+               keep_checkpoint=args.keep_checkpoint == "yes", numerics=args.numerics, dataset_kind=kind)
     return 0
 
 
@@ -94,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     mask_help = (f"mask spec, <family> or <family>-k<K>: one of {', '.join(mask_names())}, "
                  "or e.g. gmm-k3")
 
-    parser = argparse.ArgumentParser(prog="gmmvit", description=__doc__)
+    parser = argparse.ArgumentParser(prog="gmmvit", description=__doc__,
+                                     epilog="--debug (anywhere) or GMMVIT_DEBUG=1: show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("measure", help="parameters, MACs (fvcore and paper convention), depth as JSON")
@@ -150,6 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # --debug anywhere, or GMMVIT_DEBUG=1: tracebacks for user errors too
+    debug = "--debug" in argv or os.environ.get("GMMVIT_DEBUG") == "1"
+    argv = [arg for arg in argv if arg != "--debug"]
+    if debug:  # the report's and verify's own parsers read it from here
+        os.environ["GMMVIT_DEBUG"] = "1"
     if argv[:1] == ["report"]:  # its own parser, options first included
         from .report import main as report_main
 
@@ -164,16 +178,31 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception as err:  # noqa: BLE001 - users get one clear line, not a traceback
-        from .data import DatasetError
-        from .numerics import NumericsError
-        from .train import TrainingDiverged
+    except Exception as err:  # noqa: BLE001 - the one place a user's mistake becomes one line
+        line = user_message(err)
+        if line is None or debug:
+            raise
+        print(f"gmmvit {args.command}: error: {line}", file=sys.stderr)
+        return getattr(err, "exit_code", 2)
 
-        if isinstance(err, (ValueError, TypeError, DatasetError, TrainingDiverged, FileNotFoundError,
-                            NumericsError)):
-            print(f"gmmvit {args.command}: error: {err}", file=sys.stderr)
-            return 2 if not isinstance(err, TrainingDiverged) else 3
-        raise
+
+def user_message(err: Exception) -> str | None:
+    """The one line for a user's mistake or a failure of the environment; None for a bug (the
+    traceback is then shown). Bad values are refused with ValueError / TypeError by the recipe and
+    the builders; an OSError names its file and what to do."""
+    from .errors import UserError
+
+    if isinstance(err, (UserError, ValueError, TypeError)):
+        return str(err)
+    if isinstance(err, OSError):
+        where = f"{err.filename}: " if err.filename else ""
+        advice = {errno.ENOSPC: "no space left on the device; free some and run again",
+                  errno.EACCES: "permission denied", errno.EROFS: "the file system is read-only",
+                  errno.ENOTDIR: "a file is where a folder should be",
+                  errno.EISDIR: "a folder is where a file should be",
+                  errno.ENOENT: "no such file or folder"}.get(err.errno, err.strerror or str(err))
+        return where + advice
+    return None
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ import platform
 import re
 from typing import Any
 
+from .errors import UserError
+
 NUMERICS = ("portable", "native")
 # What `portable` sets before torch loads. MKL_CBWR=COMPATIBLE: MKL's code path that gives the same
 # bits on Intel and AMD (AVX2,STRICT does not: small GEMMs and MKL's vector math differ by make).
@@ -46,7 +48,7 @@ _MKL_BRANCHES = {1: "OFF", 2: "AUTO", 3: "COMPATIBLE", 4: "SSE2", 6: "SSSE3", 7:
                  8: "SSE4_2", 9: "AVX", 10: "AVX2", 12: "AVX512", 13: "AVX512_MIC"}
 
 
-class NumericsError(RuntimeError):
+class NumericsError(UserError, RuntimeError):
     """The numerics a cell asked for are not in force."""
 
 

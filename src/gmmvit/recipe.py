@@ -9,6 +9,7 @@ names to ``{base: <built-in>, key: value, ...}``.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -75,8 +76,22 @@ class Recipe:
             expected = {"int": int, "float": (int, float), "bool": bool}[f.type]
             if isinstance(value, bool) and f.type != "bool" or not isinstance(value, expected):
                 raise TypeError(f"recipe key {f.name!r} must be {f.type}, got {value!r}")
-        if self.epochs < 1 or self.batch_size < 1 or self.passes_per_epoch < 1:
-            raise ValueError("recipe needs epochs, batch_size and passes_per_epoch >= 1")
+        # every value checked before a run touches anything (a bad one fails at once, not an epoch in)
+        for name in ("epochs", "passes_per_epoch", "batch_size", "eval_batch_size", "mask_kernels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"recipe key {name} must be at least 1, got {getattr(self, name)}")
+        for name in ("crop_padding", "limit_train", "limit_test", "img_size", "min_lr", "warmup_epochs",
+                     "weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"recipe key {name} must be at least 0, got {getattr(self, name)}")
+        for name in ("lr", "mixup_alpha", "cutmix_alpha"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"recipe key {name} must be above 0, got {getattr(self, name)}")
+        for name in ("label_smoothing", "drop_path"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"recipe key {name} must lie in [0, 1), got {getattr(self, name)}")
+        if not all(math.isfinite(getattr(self, f.name)) for f in fields(self) if f.type == "float"):
+            raise ValueError("recipe keys must be finite numbers (no nan or inf)")
         if not 0 <= self.mix_prob <= 1 or not 0 <= self.random_erasing <= 1:
             raise ValueError("recipe probabilities mix_prob and random_erasing must lie in [0, 1]")
         if not 0 <= self.val_fraction < 1:

@@ -2,16 +2,17 @@
 
 - The registries' entries: a model is a module of ``gmmvit/models/``, a mask family a module of
   ``gmmvit/masks/``, named as registered; the helper modules below are not entries.
-- The code a job runs: its step's module, its model's and its mask family's modules, and every
-  package file those import (read from their import statements with ``ast``). The workflow makes
-  these files a cell's inputs, and ``gmmvit train`` records their hash: editing a file reruns, and
-  changes the recorded hash of, exactly the cells that run it; adding a model or a family (a new
-  module) touches no existing cell.
+- The dataset kinds and each one's module of ``gmmvit/data/`` (several kinds may share one).
+- The code a job runs: its step's module, its model's, its mask family's and its dataset kind's
+  modules, and every package file those import (read from their import statements with ``ast``).
+  The workflow makes these files a cell's inputs, and ``gmmvit train`` records their hash: editing a
+  file reruns, and changes the recorded hash of, exactly the cells that run it; adding a model, a
+  family or a dataset (a new module) touches no existing cell.
 
 - A config's recipe entry: which of its keys override the base recipe for one dataset.
 
-Used by ``gmmvit.models``, ``gmmvit.masks``, ``gmmvit.recipe``, the torch-free ``gmmvit`` command
-line and the workflow (workflow/rules/common.smk).
+Used by ``gmmvit.models``, ``gmmvit.masks``, ``gmmvit.data``, ``gmmvit.recipe``, the torch-free
+``gmmvit`` command line and the workflow (workflow/rules/common.smk).
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ from typing import Any
 PACKAGE_ROOT = Path(__file__).resolve().parent
 HELPER_MODULES = {"models": frozenset({"common"}), "masks": frozenset({"base"})}
 NO_MASK = "none"  # the unmasked baseline: a mask name without a module
+# Dataset kind -> its module in gmmvit/data/, in registry order (the offline default first). A kind's
+# module registers its spec under the kind's name (gmmvit.data.register_dataset checks this map).
+DATASET_MODULES = {"digits": "digits", "cifar10": "cifar", "cifar100": "cifar", "svhn": "svhn",
+                   "tinyimagenet": "tinyimagenet", "folder": "folder"}
 
 
 def entries(registry: str, root: Path = PACKAGE_ROOT) -> list[str]:
@@ -112,10 +117,19 @@ def code_files(*modules: str, root: Path = PACKAGE_ROOT) -> list[str]:
     return sorted(seen)
 
 
-def cell_modules(step: str, model: str, family: str) -> list[str]:
-    """The modules a cell's job starts from: its step's (train.py, complexity.py), its model's and
-    its mask family's; no other model's or family's."""
-    return [step, f"models/{model}.py"] + ([f"masks/{family}.py"] if family != NO_MASK else [])
+def dataset_module(kind: str) -> str:
+    """The module of dataset kind ``kind``, as a path under the package: "data/cifar.py"."""
+    if kind not in DATASET_MODULES:
+        raise ValueError(f"unknown dataset kind {kind!r}; known: {', '.join(DATASET_MODULES)}")
+    return f"data/{DATASET_MODULES[kind]}.py"
+
+
+def cell_modules(step: str, model: str, family: str, dataset_kind: str | None) -> list[str]:
+    """The modules a cell's job starts from: its step's (train.py, complexity.py), its model's, its
+    mask family's and its dataset kind's (None for a step that reads no dataset: measuring); no
+    other model's, family's or kind's."""
+    return ([step, f"models/{model}.py"] + ([f"masks/{family}.py"] if family != NO_MASK else [])
+            + ([dataset_module(dataset_kind)] if dataset_kind is not None else []))
 
 
 def code_hash(files: list[str], root: Path = PACKAGE_ROOT) -> str:

@@ -107,7 +107,7 @@ def check_folder(name: str, info: dict, path: Path) -> None:
     if not train.is_dir():
         raise ValueError(f"config datasets.{name}.path: {shown} has no train/ folder; it must hold "
                          "train/<class>/<images> and val/<class>/<images> (or test/)")
-    # As gmmvit.data counts classes: the subfolders of train/ that are not hidden.
+    # As gmmvit.data (decode.py) counts classes: the subfolders of train/ that are not hidden.
     classes = sum(1 for p in train.iterdir() if p.is_dir() and not p.name.startswith("."))
     if classes != info["num_classes"]:
         raise ValueError(
@@ -287,10 +287,11 @@ def measure_files() -> list[str]:
 # ---------------------------------------------------------------- package source as job inputs
 
 
-# A job's code inputs are the package files it runs: its step's module, its model's and its mask
-# family's modules (one module each, found by name), and what those import from the package, read
-# from their import statements (ast: parsing the workflow imports no torch). Editing a file reruns
-# exactly the jobs that run it; adding a model or a mask family (a new module) reruns nothing.
+# A job's code inputs are the package files it runs: its step's module, its model's, its mask
+# family's and (training) its dataset kind's modules (one module each, found by name), and what those
+# import from the package, read from their import statements (ast: parsing the workflow imports no
+# torch). Editing a file reruns exactly the jobs that run it (the SVHN reader: the svhn cells only);
+# adding a model, a mask family or a dataset (a new module) reruns nothing.
 
 
 def src_root() -> Path:
@@ -339,18 +340,21 @@ def load_registry():
 registry = load_registry()
 
 
-def cell_code(step: str, model: str, mask: str) -> list[str]:
-    """The code a cell's job runs: its step's module (train.py, complexity.py), its model's module
-    and its mask family's module, with what they import; no other model's or family's (the same
-    files whose hash `gmmvit train` records)."""
+def cell_code(step: str, model: str, mask: str, dataset_kind: str | None) -> list[str]:
+    """The code a cell's job runs: its step's module (train.py, complexity.py), its model's module,
+    its mask family's module and its dataset kind's module (None: measuring reads no dataset), with
+    what they import; no other model's, family's or kind's (the same files whose hash `gmmvit train`
+    records)."""
     try:
-        return registry.code_files(*registry.cell_modules(step, model, mask_family(mask)), root=src_root())
+        return registry.code_files(*registry.cell_modules(step, model, mask_family(mask), dataset_kind),
+                                   root=src_root())
     except ValueError as error:
         raise ValueError(f"config src_dir: {error}") from None
 
 
 def train_inputs(wildcards) -> dict[str, Any]:
-    inputs: dict[str, Any] = {"code": cell_code("train.py", wildcards.model, wildcards.mask)}
+    kind = kind_of(wildcards.dataset, config["datasets"][wildcards.dataset])
+    inputs: dict[str, Any] = {"code": cell_code("train.py", wildcards.model, wildcards.mask, kind)}
     marker = prepared_marker(wildcards.dataset)
     if marker:
         # ancient: preparing the data again (same files, new marker) must not retrain every cell

@@ -4,7 +4,7 @@
 
 rule measure:
     input:
-        code=lambda wildcards: cell_code("complexity.py", wildcards.model, wildcards.mask),
+        code=lambda wildcards: cell_code("complexity.py", wildcards.model, wildcards.mask, None),
     output:
         json=measure_path(),
     log:
