@@ -68,7 +68,7 @@ def test_demo_cell_learns_digits(tmp_path):
     assert record["cpu"] == cpu_facts() and record["cpu"]["model_name"]
     assert len(record["weights_sha256"]) == 64
     assert set(record["versions"]) >= {"torch", "timm", "gmmvit", "cuda", "cudnn", "mkl", "onednn"}
-    assert record["source_hash"] == source_hash("vit", "gmm") and len(record["dataset_fingerprint"]) == 16
+    assert record["source_hash"] == source_hash("vit", "gmm", "digits") and len(record["dataset_fingerprint"]) == 16
     assert record["recipe_config"]["epochs"] == 2 and record["params"] == 2_693_122
     # a finished cell keeps its record and mask parameters, not its 60 MB checkpoint
     assert not (out / "checkpoint.pt").exists() and (out / "mask_params.pt").exists()

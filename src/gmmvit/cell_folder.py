@@ -164,9 +164,10 @@ class CellFolder:
 
     # ---- the end
 
-    def commit(self, record_json: bytes, mask_params: dict, keep_checkpoint: bool) -> None:
+    def commit(self, record_json: bytes, history: list[dict], mask_params: dict, keep_checkpoint: bool) -> None:
         """Stage the finished set (the record last: it marks the set complete), then move it in."""
         try:
+            write_history(self.staging / "history.csv", history)  # also when a resumed run had no epoch left
             atomic_torch_save(mask_params, self.staging / "mask_params.pt")
             if keep_checkpoint:  # read by _move_in, which may run again after a kill
                 atomic_write_bytes(self.staging / "keep-checkpoint", b"")

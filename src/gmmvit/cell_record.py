@@ -39,7 +39,7 @@ class Cell:
     recipe_name: str
 
 
-def source_hash(model: str, mask: str, dataset_kind: str) -> str:
+def source_hash(model: str, mask: str, dataset_kind: str | None) -> str:
     """Which code trained a cell: a hash of the package files it runs, the same files the workflow
     makes its inputs (gmmvit.registry), so that editing a model, a mask family or a dataset's
     module changes the hash of exactly the cells that run it, as it reruns exactly them."""

@@ -69,15 +69,17 @@ def train_cell(cell: Cell, recipe: Recipe, out_dir: str | Path, data_root: str |
     ``numerics``: ``portable`` (CPU kernels whose bits any x86-64 CPU with AVX2 reproduces; their
     environment must be set before torch loads, as ``gmmvit train`` does) or ``native``
     (gmmvit.numerics). ``model_overrides`` go to the model's builder (tests: a tiny model).
-    ``dataset_kind``: the registered dataset the data is (default: its name; a user's image folder
-    is ``folder``), whose module counts in the cell's source hash."""
+    ``dataset_kind``: the registered dataset the data is (a user's image folder is ``folder``), whose
+    module counts in the cell's source hash; default: the cell's dataset name when the data is
+    loaded here, none when an ``ImageDataset`` is handed in (no dataset module made it)."""
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     progress = sys.stderr.isatty() if progress is None else progress
     device = configure_process(recipe, numerics, threads)
     folder = CellFolder(out_dir, log)
     folder.open()
     data = dataset or load_dataset(cell.dataset, root=data_root)
-    dataset_kind = dataset_kind or cell.dataset
+    if dataset_kind is None and dataset is None:
+        dataset_kind = cell.dataset  # loaded by its name: a registered kind
     splits = split_data(data, recipe)
     on_validation = len(splits.val_y) > 0
 
@@ -150,7 +152,7 @@ def train_cell(cell: Cell, recipe: Recipe, out_dir: str | Path, data_root: str |
                           fingerprint=data.fingerprint(), source=source,
                           wall_time_s=wall_before + time.perf_counter() - started,
                           train_seconds=train_seconds, where=where, kernels=kernels, device=device)
-    folder.commit((json.dumps(record, indent=2) + "\n").encode(), mask_parameters(model), keep_checkpoint)
+    folder.commit((json.dumps(record, indent=2) + "\n").encode(), history, mask_parameters(model), keep_checkpoint)
     log_done(log, record, folder)
     return record
 
