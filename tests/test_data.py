@@ -419,6 +419,28 @@ def test_truncated_download_leaves_nothing(tmp_path: Path, server: FileServer, h
     assert_nothing_prepared(tmp_path, "cifar10")
 
 
+def test_an_archive_member_escaping_its_folder_is_named_unsafe(tmp_path: Path) -> None:
+    """A crafted archive (a member ../escaped.txt beside the real files) is refused as unsafe, not
+    as a cut download, and writes nothing outside the data root."""
+    good = tarfile.open(fileobj=io.BytesIO(make_cifar10().archive), mode="r:gz")
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as crafted:
+        for member in good.getmembers():
+            crafted.addfile(member, good.extractfile(member) if member.isfile() else None)
+        evil = tarfile.TarInfo("../escaped.txt")
+        evil.size = 5
+        crafted.addfile(evil, io.BytesIO(b"owned"))
+    archive = tmp_path / "downloads" / "cifar-10-python.tar.gz"
+    archive.parent.mkdir()
+    archive.write_bytes(buffer.getvalue())
+    root = tmp_path / "deep" / "data"
+    with pytest.raises(DatasetError, match="is unsafe") as info:
+        prepare_dataset("cifar10", root=root, url=str(archive), progress=False)
+    assert "escaped.txt" in str(info.value) and "download it again" not in str(info.value)
+    assert not list(tmp_path.rglob("escaped.txt"))
+    assert_nothing_prepared(root, "cifar10")
+
+
 def test_corrupt_archives_leave_nothing(tmp_path: Path, server: FileServer) -> None:
     garbage = bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8))
     cases = {
