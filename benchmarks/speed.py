@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -119,7 +120,8 @@ def child(model_name: str, mask: str, path: str, device: str, batch: int, steps:
     model, step = make_step(model_name, mask, batch, 32, compile=path == "compiled", device=torch.device(device))
     step()  # a second warm-up step: the first one after make_step's still allocates
     seconds = statistics.median(step() for _ in range(steps))
-    result = {"seconds": seconds, "macs": macs_all_operators(model.cpu().eval(), 32) if macs else 0}
+    result = {"seconds": seconds, "macs": macs_all_operators(model.cpu().eval(), 32) if macs else 0,
+              "pid": os.getpid()}  # printed: each cell's own process, checkable
     print("CHILD " + json.dumps(result), flush=True)
 
 
@@ -147,11 +149,13 @@ def main() -> None:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"torch {torch.__version__}, {where}, {torch.get_num_threads()} threads, CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}, batch {args.batch}, 32x32; each model x mask "
-          f"in its own process, {args.repeats} interleaved processes x {args.steps} steps", flush=True)
+          f"in its own process, {args.repeats} interleaved processes x {args.steps} steps; this process "
+          f"{os.getpid()}", flush=True)
 
     paths = ["eager", "compiled"] if args.compile else ["eager"]
     cells = [(m, k, path) for m in args.models for k in args.masks for path in paths]
     times: dict = {key: [] for key in cells}
+    pids: dict = {key: [] for key in cells}
     macs: dict = {}
     mm: list[float] = []
     for repeat in range(args.repeats):  # interleaved, so drift hits every cell alike
@@ -160,22 +164,23 @@ def main() -> None:
             result = time_in_own_process(*key, args.device, args.batch, args.steps,
                                          macs=repeat == 0 and key[2] == "eager")
             times[key].append(result["seconds"])
+            pids[key].append(result["pid"])
             if result["macs"]:
                 macs[key[:2]] = result["macs"]
     mm_rate = 2 * 2048**3 / statistics.median(mm)
     print(f"matmul 2048^2 float32 on {where}: {mm_rate / 1e9:.1f} GFLOP/s (median of {args.repeats})\n")
     print("| model | mask | path | step s | images/s | vs none | vs none, each process | vs eager "
-          "| train GFLOP/s | of matmul |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| train GFLOP/s | of matmul | processes |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for (m, k, path), ts in times.items():
         t = statistics.median(ts)
         base_times = times[(m, args.masks[0], path)]  # the first mask listed (none) on the same path
         each = ", ".join(f"{a / b:.2f}" for a, b in zip(ts, base_times))
         vs_eager = t / statistics.median(times[(m, k, "eager")])
         rate = 6 * macs[(m, k)] * args.batch / t
-        print(f"| {m} | {k} | {path} | {t:.3f} | {args.batch / t:.1f} | "
+        print(f"| {m} | {k} | {path} | {t:.5f} | {args.batch / t:.1f} | "
               f"{t / statistics.median(base_times):.2f} | {each} | {vs_eager:.2f} | {rate / 1e9:.1f} | "
-              f"{rate / mm_rate:.0%} |")
+              f"{rate / mm_rate:.0%} | {' '.join(map(str, pids[(m, k, path)]))} |")
     if args.loop:
         vit = times.get(("vit", "none", "eager"))
         model_only = args.batch / statistics.median(vit) if vit else None
