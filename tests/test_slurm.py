@@ -180,6 +180,64 @@ def test_cancelled_cell_resumes_to_the_numbers_of_an_uninterrupted_run(
     assert "submitted with SLURM jobid" in out.stdout + out.stderr
 
 
+def history_numbers(work: Path, mask: str) -> list[list[str]]:
+    """Every epoch's numbers of a cell, without images/s (the clock)."""
+    lines = (cell_dir(work, mask) / "history.csv").read_text().splitlines()
+    return [line.split(",")[:-1] for line in lines]
+
+
+def test_slurm_and_local_runs_give_the_same_numbers_to_the_digit(built: tuple[Path, str], tmp_path: Path) -> None:
+    """README: the same numbers on a SLURM job and a local run alike. The tiny grid again, locally
+    (no profile): every epoch's numbers and the final weights' sha256 equal the SLURM cells'."""
+    work = make_workdir(tmp_path / "local")
+    snakemake(work, "--cores", "2", timeout=600)
+    for mask in MASKS:
+        slurm, local = record(built[0], mask), record(work, mask)
+        assert slurm["slurm_job_id"] and local["slurm_job_id"] is None  # one of each, truly
+        assert history_numbers(work, mask) == history_numbers(built[0], mask), mask
+        assert local["weights_sha256"] == slurm["weights_sha256"], mask
+        assert local["source_hash"] == slurm["source_hash"] and local["numerics"] == slurm["numerics"]
+
+
+def test_the_profile_resubmits_a_cancelled_cell_once_and_it_resumes(
+        built: tuple[Path, str], slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    """The profile's `retries: 1`: a train job cancelled after its first checkpoint (what a node
+    failure, preemption or time-out looks like to Snakemake) is resubmitted within the same run,
+    resumes from that checkpoint, and ends with the uninterrupted cell's history."""
+    work = make_workdir(tmp_path / "retried")
+    config = tiny_config(work)
+    config["grids"]["tiny"]["masks"] = ["gmm"]
+    (work / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    checkpoint = cell_dir(work, "gmm") / ".staging" / "checkpoint.pt"
+    run = subprocess.Popen(command(work, "--workflow-profile", str(PROFILE), *FAST_STATUS),
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment())
+    try:
+        deadline = time.monotonic() + 180
+        while not checkpoint.exists():
+            assert run.poll() is None, f"snakemake ended before the first checkpoint:\n{run.stdout.read()}"
+            assert time.monotonic() < deadline, "no checkpoint after 180 s"
+            time.sleep(0.2)
+        running = [j for j in slurm_cluster.jobs() if j["comment"] == cell_comment("gmm")
+                   and j["state"] == "RUNNING"]
+        assert len(running) == 1, running
+        cancelled = running[0]["id"]
+        subprocess.run(["scancel", cancelled], check=True)
+        output = run.communicate(timeout=300)[0]
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 0, output  # the one run finished: the retry made up for the cancel
+    resumed = record(work, "gmm")
+    assert resumed["slurm_job_id"] not in (None, cancelled)
+    jobs = [j for j in slurm_cluster.jobs() if j["comment"] == cell_comment("gmm") and j["id"] in
+            (cancelled, resumed["slurm_job_id"])]
+    assert {j["state"] for j in jobs} == {"CANCELLED", "COMPLETED"}, jobs
+    log = (work / "results/logs/train/smoke/digits/vit-gmm/seed0.log").read_text()
+    assert re.search(r"resuming .* after epoch [12]\b", log), log
+    assert history_numbers(work, "gmm") == history_numbers(built[0], "gmm")
+    assert resumed["weights_sha256"] == record(built[0], "gmm")["weights_sha256"]
+
+
 # ---------------------------------------------------------------- the paper grid, planned through the profile
 
 
