@@ -274,7 +274,8 @@ def test_header_has_the_provenance(tmp_path: Path) -> None:
                      "torch 2.14.1; timm 1.0.31; CUDA none; cuDNN none; python 3.11.2; gmmvit 0.1.0",
                      "Source hashes (of the code each cell runs): 1 over 1 model x mask pair.", "Dataset fingerprints: digits fp-digits",
                      "Deterministic algorithms: yes (all cells)",
-                     "digits: n_train 1132, n_val 125, n_test 540", "Training wall time 2.0 min"):
+                     "digits: n_train 1132, n_val 125, n_test 540", "Training wall time 2.0 min",
+                     "per cell 1.0 min median (1.0-1.0)", "training images/s per cell, median by model: vit 100."):
         assert expected in text, expected
     for name in ("table_best.md", "table_last.md"):  # every table carries it
         assert "cpu (AVX512), 1 thread" in (out / name).read_text()

@@ -229,7 +229,13 @@ def provenance(table: pd.DataFrame, grid: str | None) -> list[str]:
     lines.append("Data: " + "; ".join(f"{d}: {sizes(g)}" for d, g in table.groupby("dataset", sort=False)) + ".")
     wall = pd.to_numeric(table["wall_time_s"], errors="coerce")
     speed = pd.to_numeric(table["train_images_per_s"], errors="coerce")
-    lines.append(f"Training wall time {wall.sum() / 60:.1f} min over all cells"
+    minutes = wall / 60
+    per_model = "; ".join(f"{model} {group.median():.0f}" for model, group in speed.groupby(table["model"], sort=False)
+                          if group.notna().any())
+    # what a user needs to plan a run (README scales these to other machines)
+    lines.append(f"Training wall time {minutes.sum():.1f} min over all cells"
                  + (f" ({wall.isna().sum()} cells unknown)" if wall.isna().any() else "")
-                 + (f", median {speed.median():.0f} training images/s per cell." if speed.notna().any() else "."))
+                 + (f"; per cell {minutes.median():.1f} min median ({minutes.min():.1f}-{minutes.max():.1f})"
+                    if minutes.notna().any() else "")
+                 + (f"; training images/s per cell, median by model: {per_model}." if per_model else "."))
     return lines
