@@ -235,7 +235,7 @@ def test_editing_a_data_module_retrains_exactly_the_cells_of_the_kinds_that_run_
     ("masks", "expected"),
     [
         ("[none, gmmm]", r"config grids.inc.masks: 'gmmm' is not a mask; valid masks: none, alibi2d, elm, gmm, "
-                         r"gmm_add, gmm_official, lsa, rmt, temperature, or <family>-k<K> with K >= 1 for gmm, "
+                         r"gmm_add, gmm_official, gpsa, lsa, rmt, temperature, or <family>-k<K> with K >= 1 for gmm, "
                          r"gmm_add, gmm_official"),
         ("[none, elm-k3]", r"config grids.inc.masks: 'elm-k3' is not a mask; valid masks: none, alibi2d"),
         ("[none, gmm-x3]", r"'gmm-x3' does not match"),
