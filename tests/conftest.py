@@ -11,7 +11,8 @@ from slurm_cluster import ClusterUnavailable, SlurmCluster, start_cluster
 
 
 def in_ci() -> bool:
-    """CI=true (any case): tests that need a system tool fail there, instead of skipping."""
+    """CI=true (any case): tests that need a system tool fail there, instead of skipping. Not a GPU:
+    CI has none, and the `cuda` tests (tests/test_cuda.py) skip there as everywhere without one."""
     return os.environ.get("CI", "").strip().lower() == "true"
 
 
