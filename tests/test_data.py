@@ -441,6 +441,29 @@ def test_an_archive_member_escaping_its_folder_is_named_unsafe(tmp_path: Path) -
     assert_nothing_prepared(root, "cifar10")
 
 
+def test_readme_builds_the_cifar10_images_folder_from_the_official_files(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """README's recipe for data/cifar10-images, run as written on CIFAR-format files (5 batches of 2
+    images): the first 500 of each class among batches 1-4 go to train/, batch 5 to test/, each PNG
+    named by its position in the training set and equal to its source pixels."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Real images on a CPU"):]
+    snippet = re.search(r"```python\n(.*?)```", section, re.DOTALL)[1]
+    cifar = make_cifar10()
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    archive.write_bytes(cifar.archive)
+    prepare_dataset("cifar10", root=tmp_path / "data", url=str(archive), progress=False)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(snippet, "README.md", "exec"), {})
+    found = {str(p.relative_to(tmp_path / "data/cifar10-images")) for p in tmp_path.rglob("*.png")}
+    expected = {f"{'test' if i >= 8 else 'train'}/{cifar.names[cifar.train_labels[i]]}/{i}.png" for i in range(10)}
+    assert found == expected
+    for i in (0, 9):
+        split = "test" if i >= 8 else "train"
+        pixels = np.asarray(Image.open(tmp_path / f"data/cifar10-images/{split}/{cifar.names[cifar.train_labels[i]]}/{i}.png"))
+        assert np.array_equal(pixels, cifar.train_images[i].transpose(1, 2, 0))
+
+
 def test_corrupt_archives_leave_nothing(tmp_path: Path, server: FileServer) -> None:
     garbage = bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8))
     cases = {
