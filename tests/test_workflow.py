@@ -155,8 +155,11 @@ def test_config_mirrors_the_package() -> None:
     assert sorted(schema["recipe_keys"]["properties"]) == sorted(recipe_keys)
     assert sorted(schema["recipe"]["properties"]["base"]["enum"]) == sorted(BUILTIN_RECIPES)
     config = yaml.safe_load((REPO / "config.yaml").read_text())
-    assert sorted(config["datasets"]) == sorted(data.dataset_names())
-    for name, info in config["datasets"].items():
+    # every registered dataset, under its own name; beside them, named image folders (kind: folder)
+    registered = {name: info for name, info in config["datasets"].items() if "kind" not in info}
+    assert sorted(registered) == sorted(data.dataset_names())
+    assert {info["kind"] for name, info in config["datasets"].items() if name not in registered} <= {"folder"}
+    for name, info in registered.items():
         assert bool(info.get("prepared")) == data.needs_download(name), name
         if info.get("prepared"):
             assert Path("data", info["prepared"]) == data.marker_path(name, "data"), name
