@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 SLURM_CONF = Path("/etc/slurm/slurm.conf")
+GRES_CONF = SLURM_CONF.with_name("gres.conf")
 OUR_MARK = "# written by gmmvit tests/slurm_cluster.py"
 PARTITION = "debug"
 BINARIES = ("munged", "slurmctld", "slurmd", "sinfo", "squeue", "sbatch", "scontrol", "scancel", "srun")
@@ -40,6 +41,7 @@ class SlurmCluster:
     partition: str = PARTITION
     daemons: dict[str, subprocess.Popen] = field(default_factory=dict)
     replaced_conf: bytes | None = None  # the slurm.conf we overwrote (one of ours from a crashed run)
+    replaced_gres: bytes | None = None  # likewise gres.conf
 
     def jobs(self) -> list[dict[str, str]]:
         """Every job the controller knows, finished ones too (MinJobAge keeps them an hour)."""
@@ -70,11 +72,12 @@ class SlurmCluster:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(timeout=10)
-        if SLURM_CONF.exists() and OUR_MARK in SLURM_CONF.read_text():
-            if self.replaced_conf is not None:
-                SLURM_CONF.write_bytes(self.replaced_conf)
-            else:
-                SLURM_CONF.unlink()
+        for conf, replaced in ((SLURM_CONF, self.replaced_conf), (GRES_CONF, self.replaced_gres)):
+            if conf.exists() and OUR_MARK in conf.read_text():
+                if replaced is not None:
+                    conf.write_bytes(replaced)
+                else:
+                    conf.unlink()
 
 
 def run(command: list[str], timeout: float = 30) -> str:
@@ -129,7 +132,10 @@ JobCompType=jobcomp/none
 MinJobAge=3600
 ReturnToService=2
 SchedulerParameters=sched_interval=1
-NodeName={node} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={node_memory_mb()} State=UNKNOWN
+# one GPU as a generic resource without a device (gres.conf beside this file): the controller
+# schedules and records --gpus requests; a job's program sees no GPU
+GresTypes=gpu
+NodeName={node} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={node_memory_mb()} Gres=gpu:1 State=UNKNOWN
 PartitionName={PARTITION} Nodes={node} Default=YES MaxTime=INFINITE State=UP
 """
 
@@ -162,8 +168,9 @@ def start_cluster(state_dir: Path) -> SlurmCluster:
                                  "(apt-get install slurm-wlm munge)")
     if os.geteuid() != 0:
         raise ClusterUnavailable("slurmd must run as root to start jobs; these tests are not root")
-    if SLURM_CONF.exists() and OUR_MARK not in SLURM_CONF.read_text():
-        raise ClusterUnavailable(f"{SLURM_CONF} belongs to a real SLURM installation; not replacing it")
+    for conf in (SLURM_CONF, GRES_CONF):
+        if conf.exists() and OUR_MARK not in conf.read_text():
+            raise ClusterUnavailable(f"{conf} belongs to a real SLURM installation; not replacing it")
     busy = [p for p in (CONTROLLER_PORT, NODE_PORT) if port_in_use(p)]
     if busy:
         raise ClusterUnavailable(f"port(s) {busy} already in use: another SLURM daemon runs here")
@@ -191,6 +198,11 @@ def start_cluster(state_dir: Path) -> SlurmCluster:
         SLURM_CONF.parent.mkdir(parents=True, exist_ok=True)
         cluster.replaced_conf = SLURM_CONF.read_bytes() if SLURM_CONF.exists() else None
         SLURM_CONF.write_text(slurm_conf(state_dir, node, munge_socket))
+        cluster.replaced_gres = GRES_CONF.read_bytes() if GRES_CONF.exists() else None
+        # slurmd counts a gpu only with a File; an empty file stands for the device
+        (state_dir / "gpu0").touch()
+        GRES_CONF.write_text(f"{OUR_MARK}; removed when the tests end\n"
+                             f"NodeName={node} Name=gpu File={state_dir / 'gpu0'}\n")
         # -D: stay in the foreground, so the pid we hold is the daemon's; -i: ignore old state
         for name, args in (("slurmctld", ["-D", "-i"]), ("slurmd", ["-D"])):
             cluster.daemons[name] = subprocess.Popen(

@@ -238,6 +238,28 @@ def test_the_profile_resubmits_a_cancelled_cell_once_and_it_resumes(
     assert resumed["weights_sha256"] == record(built[0], "gmm")["weights_sha256"]
 
 
+def test_a_gpu_train_job_asks_the_controller_for_one_gpu(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    """`train_on: gpu`: the train job is submitted with the profile's GPU options and the controller
+    records one GPU for it (`scontrol show job`); measure jobs ask for none. The test cluster's GPU
+    is a generic resource without a device, so the cell itself trains on the CPU."""
+    work = make_workdir(tmp_path / "gpu")
+    config = tiny_config(work)
+    config["grids"]["tiny"]["masks"] = ["none"]
+    config["recipes"]["smoke"]["epochs"] = 1
+    config["train_on"] = "gpu"
+    config["resources"]["train_gpu"] = {"threads": 1, "mem_mb": 1000, "runtime": 10, "gpu": 1}
+    (work / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    snakemake(work, "--workflow-profile", str(PROFILE), *FAST_STATUS, timeout=600)
+
+    def shown(job: str) -> str:
+        return subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, check=True).stdout
+
+    train = shown(record(work, "none")["slurm_job_id"])
+    assert re.search(r"TresPerJob=gres[:/]gpu:1\b", train), train  # sbatch --gpus=1, as the profile asks
+    measures = [j["id"] for j in slurm_cluster.jobs() if j["comment"].startswith("rule_measure_")]
+    assert measures and not any("gres/gpu" in shown(job) for job in measures)
+
+
 # ---------------------------------------------------------------- the paper grid, planned through the profile
 
 
