@@ -213,3 +213,18 @@ def test_a_report_killed_at_each_write_leaves_the_last_one_whole(tmp_path):
         assert kept == before, f"killed at fsync {n} of {writes}, the last report changed"
     assert subprocess.run([*command, str(out)], capture_output=True, timeout=300).returncode == 0
     assert snapshot(out) == snapshot(straight)  # whole again, and no temporary file left
+
+
+def test_a_one_class_folder_is_refused_before_training(tmp_path):
+    """A folder of one class would train and record 100.00%: refused in one line instead."""
+    from PIL import Image
+
+    for split in ("train", "test"):
+        (tmp_path / "one" / split / "cats").mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (32, 32), (i * 90, 40, 200)).save(tmp_path / "one" / split / "cats" / f"{i}.png")
+    run = subprocess.run([*GMMVIT, "train", "--dataset", "one", "--dataset-kind", "folder", "--dataset-path",
+                          str(tmp_path / "one"), "--model", "vit", "--recipe", "smoke", "--out", str(tmp_path / "cell")],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and "a classifier needs at least 2" in run.stderr, run.stderr
+    assert "Traceback" not in run.stderr and not (tmp_path / "cell" / "metrics.json").exists()
