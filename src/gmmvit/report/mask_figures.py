@@ -102,7 +102,7 @@ def _short_layer(name: str) -> str:
 
 def _value_meaning(mask) -> str:
     return {"mul": "factor on the scaled logits", "add": "bias added to the logits",
-            "mix": "positional attention P (gated into the content attention)"}[mask.combine]
+            "mix": "positional attention P (gated in)"}[mask.combine]
 
 
 def write_mask_figure(metrics: Path, path: Path) -> None:
