@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 from collections.abc import Iterable
 from pathlib import Path
 
+from ..cell_folder import remove_stale_temps  # one naming of temporary files: .<name>.tmp-<pid>
 from ..errors import UserError
 
 
@@ -18,7 +18,6 @@ class ReportError(UserError, ValueError):
 
 
 # An output's temporary file, beside it: .<name>.tmp-<pid>, as gmmvit.cell_folder names a cell's
-_TEMP = re.compile(r"\.(?P<name>.+)\.tmp-(?P<pid>\d+)")
 _FREE = "free some space and run the report again"
 _WRITABLE = "make it writable, or choose another --out-dir"
 _MOVE = "move it away, or choose another --out-dir"
@@ -43,27 +42,6 @@ def os_error(err: OSError, doing: str, path: str | Path) -> ReportError:
         fix = "make it readable" if err.errno in (errno.EACCES, errno.EPERM) else None
     return ReportError(f"cannot {doing} {path}: {cause}" + (f"; {fix}" if fix else "")
                        + ("" if doing == "read" else "; the previous report is as it was"))
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process: alive
-        return True
-    return True
-
-
-def remove_stale_temps(folder: Path) -> list[Path]:
-    """Remove the temporary files that a killed report left in ``folder`` (their writer is gone)."""
-    removed = []
-    for path in sorted(folder.iterdir()) if folder.is_dir() else ():
-        match = _TEMP.fullmatch(path.name)
-        if match and path.is_file() and not _pid_alive(int(match["pid"])):
-            path.unlink(missing_ok=True)
-            removed.append(path)
-    return removed
 
 
 class OutputSet:
