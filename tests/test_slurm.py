@@ -136,6 +136,19 @@ def test_second_run_submits_nothing(built: tuple[Path, str], slurm_cluster: Slur
     assert {job["id"] for job in slurm_cluster.jobs()} == before
 
 
+def cancel_at_first_checkpoint(run: subprocess.Popen, checkpoint: Path, slurm_cluster: SlurmCluster) -> str:
+    """Wait for the gmm cell's first staged checkpoint, then scancel its running job; its id."""
+    deadline = time.monotonic() + 180
+    while not checkpoint.exists():
+        assert run.poll() is None, f"snakemake ended before the first checkpoint:\n{run.stdout.read()}"
+        assert time.monotonic() < deadline, "no checkpoint after 180 s"
+        time.sleep(0.2)
+    running = [j for j in slurm_cluster.jobs() if j["comment"] == cell_comment("gmm") and j["state"] == "RUNNING"]
+    assert len(running) == 1, f"the cell's job is not running at its first checkpoint: {running}"
+    subprocess.run(["scancel", running[0]["id"]], check=True)
+    return running[0]["id"]
+
+
 def test_cancelled_cell_resumes_to_the_numbers_of_an_uninterrupted_run(
         built: tuple[Path, str], slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
     """scancel a train job after its first epoch's checkpoint; the next run resubmits it, it resumes
@@ -150,16 +163,7 @@ def test_cancelled_cell_resumes_to_the_numbers_of_an_uninterrupted_run(
     run = subprocess.Popen(command(work, "--workflow-profile", str(PROFILE), *FAST_STATUS, "--retries", "0"),
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment())
     try:
-        deadline = time.monotonic() + 180
-        while not checkpoint.exists():
-            assert run.poll() is None, f"snakemake ended before the first checkpoint:\n{run.stdout.read()}"
-            assert time.monotonic() < deadline, "no checkpoint after 180 s"
-            time.sleep(0.2)
-        running = [j for j in slurm_cluster.jobs() if j["comment"] == cell_comment("gmm")
-                   and j["state"] == "RUNNING"]
-        assert len(running) == 1, f"the cell's job is not running at its first checkpoint: {running}"
-        cancelled = running[0]["id"]
-        subprocess.run(["scancel", cancelled], check=True)
+        cancelled = cancel_at_first_checkpoint(run, checkpoint, slurm_cluster)
         first_output = run.communicate(timeout=120)[0]
     finally:
         if run.poll() is None:
@@ -212,16 +216,7 @@ def test_the_profile_resubmits_a_cancelled_cell_once_and_it_resumes(
     run = subprocess.Popen(command(work, "--workflow-profile", str(PROFILE), *FAST_STATUS),
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment())
     try:
-        deadline = time.monotonic() + 180
-        while not checkpoint.exists():
-            assert run.poll() is None, f"snakemake ended before the first checkpoint:\n{run.stdout.read()}"
-            assert time.monotonic() < deadline, "no checkpoint after 180 s"
-            time.sleep(0.2)
-        running = [j for j in slurm_cluster.jobs() if j["comment"] == cell_comment("gmm")
-                   and j["state"] == "RUNNING"]
-        assert len(running) == 1, running
-        cancelled = running[0]["id"]
-        subprocess.run(["scancel", cancelled], check=True)
+        cancelled = cancel_at_first_checkpoint(run, checkpoint, slurm_cluster)
         output = run.communicate(timeout=300)[0]
     finally:
         if run.poll() is None:
