@@ -8,7 +8,6 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from ..cell_folder import remove_stale_temps  # one naming of temporary files: .<name>.tmp-<pid>
 from ..errors import UserError
 
 
@@ -64,6 +63,9 @@ class OutputSet:
         self._writing: str | None = None
 
     def __enter__(self) -> OutputSet:
+        # Imported here, not above: cell_folder imports torch, and `gmmvit report --help` must not.
+        from ..cell_folder import remove_stale_temps  # one naming of temporary files
+
         self._folder(self.out_dir)
         for folder in self.folders:
             try:
