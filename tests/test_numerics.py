@@ -16,6 +16,7 @@ import platform
 import shutil
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -90,7 +91,7 @@ def test_portable_numerics_give_the_same_bits_on_intel_and_amd_and_native_does_n
         return start(tmp_path / f"{key[0]}-{key[1]}", numerics, masks, cpu)
 
     started = {key: begin(key) for key in runs}
-    got = {key: finish(process, tmp_path / f"{key[0]}-{key[1]}", rerun=lambda key=key: begin(key))
+    got = {key: finish(process, tmp_path / f"{key[0]}-{key[1]}", rerun=partial(begin, key))
            for key, process in started.items()}
 
     for cpu, vendor in CPUS.items():  # the emulation took: the records name the emulated CPU

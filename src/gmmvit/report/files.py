@@ -16,7 +16,6 @@ class ReportError(UserError, ValueError):
     to do. Also a ValueError, which is what the report raised for them before it had its own."""
 
 
-# An output's temporary file, beside it: .<name>.tmp-<pid>, as gmmvit.cell_folder names a cell's
 _FREE = "free some space and run the report again"
 _WRITABLE = "make it writable, or choose another --out-dir"
 _MOVE = "move it away, or choose another --out-dir"
